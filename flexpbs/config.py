@@ -1,0 +1,85 @@
+"""Options of PBS attention (:class:`PBSConfig`) and what a call reports (:class:`PBSStats`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+GQAMode = Literal["shared", "per_head"]
+GQA_MODES: tuple[str, ...] = ("shared", "per_head")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class PBSConfig:
+    """Options of :func:`flexpbs.attention`, validated on construction.
+
+    Args:
+        block_size: tokens per query block and per key block (a tile is block x block).
+        segment_size: tokens per permutation segment; a multiple of ``block_size``.
+        threshold: cumulative pooled attention mass each query block keeps, in (0, 1].
+            1.0 keeps every causal tile (exact dense attention).
+        gqa: ``"shared"``: one key permutation per KV head, importance averaged over the
+            query heads of its group (no K/V replication). ``"per_head"``: one permutation
+            per query head, K/V gathered per query head (the paper's reference code).
+        scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)`` as in SDPA. Used for
+            importance, block selection and attention alike.
+        min_seq_len: sequences shorter than this run dense causal attention.
+    """
+
+    block_size: int = 128
+    segment_size: int = 256
+    threshold: float = 0.9
+    gqa: GQAMode = "shared"
+    scale: float | None = None
+    min_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, minimum=1)
+        _check_int("segment_size", self.segment_size, minimum=1)
+        if self.segment_size % self.block_size:
+            raise ValueError(
+                f"segment_size must be a multiple of block_size, got segment_size="
+                f"{self.segment_size}, block_size={self.block_size}"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a float, got {type(self.threshold).__name__}")
+        if not 0.0 < self.threshold <= 1.0:  # also rejects NaN
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
+            if not math.isfinite(self.scale):
+                raise ValueError(f"scale must be finite, got {self.scale}")
+        if self.min_seq_len is not None:
+            _check_int("min_seq_len", self.min_seq_len, minimum=0)
+
+
+@dataclass(frozen=True)
+class PBSStats:
+    """What one :func:`flexpbs.attention` call computed.
+
+    Attributes:
+        block_mask: ``[B, Hq, nb, nb]`` bool, nb = ceil(N / block_size): tile
+            (query block, PERMUTED key block) is computed.
+        permutation: ``[B, Hp, N]`` int64, the original position of the key at each
+            permuted slot; Hp = Hkv for ``gqa="shared"``, Hq for ``"per_head"``.
+        density: ``[B, Hq]`` float32, computed tiles / (nb * (nb + 1) / 2).
+        dense: True when the call ran dense causal attention (short input).
+    """
+
+    block_mask: torch.Tensor
+    permutation: torch.Tensor
+    density: torch.Tensor
+    dense: bool

@@ -1,0 +1,60 @@
+"""Key importance: how much attention the last block of queries pays to each key.
+
+importance[j] = mean over the last ``block_size`` queries i (and, for gqa="shared", over the
+query heads of j's KV group) of softmax_j(scale * q_i . k_j), the softmax taken in float32
+over the keys of the complete segments only (no causal mask in this proxy).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+# Bytes of float32 probabilities one step may hold; bounds the [rows, keys] buffer.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def last_block_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    block_size: int,
+    segment_size: int,
+    scale: float,
+    per_query_head: bool,
+) -> torch.Tensor:
+    """Importance of every key of the complete segments.
+
+    Args:
+        query: ``[B, Hq, N, D]``.
+        key: ``[B, Hkv, N, D]``, Hq = G * Hkv.
+        block_size: rows of the last query block used as the proxy.
+        segment_size: only the first ``floor(N / segment_size) * segment_size`` keys are scored.
+        scale: logit scale.
+        per_query_head: one importance row per query head instead of per KV head.
+
+    Returns:
+        ``[B, Hp, Nc]`` float32, Nc = floor(N / segment_size) * segment_size, Hp = Hq if
+        ``per_query_head`` else Hkv. Each row of each head sums to 1 before averaging.
+    """
+    batch, kv_heads, seq_len, _ = key.shape
+    group = query.shape[1] // kv_heads
+    n_complete = seq_len // segment_size * segment_size
+    rows = min(block_size, seq_len)
+    q_last = rearrange(query[:, :, seq_len - rows :], "b (k g) r d -> b k g r d", g=group)
+    keys = key[:, :, :n_complete]
+
+    total = torch.zeros(batch, kv_heads, group, n_complete, dtype=torch.float32, device=key.device)
+    row_bytes = batch * group * max(n_complete, 1) * 4
+    heads_step = max(1, _CHUNK_BYTES // (row_bytes * rows))
+    rows_step = rows if heads_step > 1 else max(1, min(rows, _CHUNK_BYTES // row_bytes))
+    for h0 in range(0, kv_heads, heads_step):
+        k_chunk = keys[:, h0 : h0 + heads_step].float()
+        for r0 in range(0, rows, rows_step):
+            q_chunk = q_last[:, h0 : h0 + heads_step, :, r0 : r0 + rows_step].float()
+            logits = torch.einsum("bkgrd,bknd->bkgrn", q_chunk, k_chunk) * scale
+            total[:, h0 : h0 + heads_step] += logits.softmax(dim=-1).sum(dim=-2)
+    importance = total / rows
+    if per_query_head:
+        return rearrange(importance, "b k g n -> b (k g) n")
+    return importance.mean(dim=2)

@@ -1,0 +1,78 @@
+"""Segmented key permutation: sort keys by importance inside each complete segment.
+
+Attention is invariant to permuting keys and values together, so K and V are gathered with the
+same index map and the causal test is later evaluated on the ORIGINAL positions it records.
+Sorting only inside segments keeps causality at segment granularity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_permutation(importance: torch.Tensor, seq_len: int, segment_size: int) -> torch.Tensor:
+    """Stable descending sort of importance inside each complete segment; the tail stays put.
+
+    Args:
+        importance: ``[B, Hp, Nc]`` float, Nc a multiple of ``segment_size``.
+        seq_len: N >= Nc; positions Nc..N-1 (the incomplete tail) keep their place.
+
+    Returns:
+        perm: ``[B, Hp, N]`` int64, the original position of the key at each permuted slot.
+    """
+    batch, heads, n_complete = importance.shape
+    device = importance.device
+    by_segment = importance.view(batch, heads, n_complete // segment_size, segment_size)
+    order = torch.sort(by_segment, dim=-1, descending=True, stable=True).indices
+    starts = torch.arange(0, n_complete, segment_size, device=device).view(1, 1, -1, 1)
+    sorted_part = (order + starts).view(batch, heads, n_complete)
+    tail = torch.arange(n_complete, seq_len, device=device).expand(batch, heads, -1)
+    return torch.cat([sorted_part, tail], dim=-1)
+
+
+def identity_permutation(batch: int, heads: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[batch, heads, seq_len]`` int64 identity map (no reordering)."""
+    return torch.arange(seq_len, device=device).expand(batch, heads, seq_len).contiguous()
+
+
+def permute_kv(
+    key: torch.Tensor, value: torch.Tensor, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather keys and values into permuted order.
+
+    Args:
+        key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
+        perm: ``[B, Hp, N]`` int64 with Hp a multiple of Hkv: Hp = Hkv permutes each KV head,
+            Hp = Hq gives every query head its own copy (head h reads KV head h // (Hp/Hkv)).
+
+    Returns:
+        ``(key_p [B, Hp, N, D], value_p [B, Hp, N, Dv])`` with ``key_p[..., s, :] = key[..., perm[s], :]``.
+    """
+    kv_heads = key.shape[1]
+    copies = perm.shape[1] // kv_heads
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        b, _, n, d = x.shape
+        src = x.unsqueeze(2).expand(b, kv_heads, copies, n, d)
+        idx = perm.view(b, kv_heads, copies, n, 1).expand(b, kv_heads, copies, n, d)
+        return torch.gather(src, 3, idx).view(b, kv_heads * copies, n, d)
+
+    return gather(key), gather(value)
+
+
+def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest original key position held by each permuted key block.
+
+    Args:
+        perm: ``[B, Hp, N]`` int64.
+
+    Returns:
+        ``(first, last)``, each ``[B, Hp, nb]`` int64; padding slots of a partial last block
+        are ignored.
+    """
+    n = perm.shape[-1]
+    pad = -n % block_size
+    first = F.pad(perm, (0, pad), value=n).unflatten(-1, (-1, block_size)).amin(dim=-1)
+    last = F.pad(perm, (0, pad), value=-1).unflatten(-1, (-1, block_size)).amax(dim=-1)
+    return first, last

@@ -1,0 +1,156 @@
+"""Dense, slow, obviously-right PBS attention in float32: the oracle the fast path is tested against.
+
+Written independently of the fast path: loops over heads, segments and blocks, Python sorting,
+and a token-level [N, N] mask. Use it only on small inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexpbs.config import PBSConfig
+
+
+def token_mask(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token-level mask over ORIGINAL key positions.
+
+    Args:
+        tiles: ``[B, Hq, nb, nb]`` bool (query block, permuted key block).
+        perm: ``[B, Hp, N]`` int64 original position at each permuted slot, Hq a multiple of Hp.
+
+    Returns:
+        ``[B, Hq, N, N]`` bool: query i attends key j iff j's permuted slot lies in a selected
+        tile of i's block and j <= i.
+    """
+    batch, q_heads = tiles.shape[:2]
+    n = perm.shape[-1]
+    group = q_heads // perm.shape[1]
+    mask = torch.zeros(batch, q_heads, n, n, dtype=torch.bool)
+    positions = torch.arange(n)
+    for b in range(batch):
+        for h in range(q_heads):
+            slots_pos = perm[b, h // group].cpu()
+            tile_rows = tiles[b, h].cpu()[positions // block_size]  # [N, nb]
+            allowed = tile_rows[:, positions // block_size]  # [N queries, N slots]
+            mask[b, h][:, slots_pos] = allowed & (slots_pos[None, :] <= positions[:, None])
+    return mask
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """float32 softmax attention under a token mask.
+
+    Args:
+        query: ``[B, Hq, N, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
+        mask: ``[B, Hq, N, N]`` bool over original key positions; every row needs a True.
+
+    Returns:
+        ``[B, Hq, N, Dv]`` float32 on the CPU.
+    """
+    group = query.shape[1] // key.shape[1]
+    q = query.detach().cpu().float()
+    k = key.detach().cpu().float().repeat_interleave(group, dim=1)
+    v = value.detach().cpu().float().repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+def importance(query: torch.Tensor, key: torch.Tensor, config: PBSConfig) -> torch.Tensor:
+    """``[B, Hp, Nc]`` float32: mean softmax of the last query block over the complete segments."""
+    batch, q_heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    scale = config.scale if config.scale is not None else d**-0.5
+    n_complete = n // config.segment_size * config.segment_size
+    rows = min(config.block_size, n)
+    per_q_head = torch.zeros(batch, q_heads, n_complete)
+    for b in range(batch):
+        for h in range(q_heads):
+            q = query[b, h, n - rows :].cpu().float()
+            k = key[b, h // group, :n_complete].cpu().float()
+            per_q_head[b, h] = torch.softmax((q @ k.T) * scale, dim=-1).mean(dim=0)
+    if config.gqa == "per_head":
+        return per_q_head
+    return per_q_head.view(batch, kv_heads, group, n_complete).mean(dim=2)
+
+
+def permutation(scores: torch.Tensor, n: int, segment_size: int) -> torch.Tensor:
+    """``[B, Hp, N]`` int64: stable descending sort of ``scores`` inside each complete segment."""
+    batch, heads, n_complete = scores.shape
+    perm = torch.arange(n).repeat(batch, heads, 1)
+    for b in range(batch):
+        for h in range(heads):
+            for start in range(0, n_complete, segment_size):
+                seg = scores[b, h, start : start + segment_size].tolist()
+                order = sorted(range(segment_size), key=lambda j: -seg[j])  # Python sort is stable
+                perm[b, h, start : start + segment_size] = torch.tensor(order) + start
+    return perm
+
+
+def selection(
+    query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config: PBSConfig
+) -> torch.Tensor:
+    """``[B, Hq, nb, nb]`` bool tiles, one (batch, head, query block) at a time."""
+    batch, q_heads, n, d = query.shape
+    group = q_heads // perm.shape[1]
+    kv_group = q_heads // key.shape[1]
+    bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
+    scale = config.scale if config.scale is not None else d**-0.5
+    n_blocks = -(-n // bs)
+    tiles = torch.zeros(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(q_heads):
+            slots = perm[b, h // group].cpu()
+            k_perm = key[b, h // kv_group].cpu().float()[slots]
+            pooled_k = [k_perm[j * bs : (j + 1) * bs].mean(dim=0) for j in range(n_blocks)]
+            for i in range(n_blocks):
+                pooled_q = query[b, h, i * bs : (i + 1) * bs].cpu().float().mean(dim=0)
+                candidates = [j for j in range(n_blocks) if j // blocks_per_segment < i // blocks_per_segment]
+                chosen: list[int] = []
+                if candidates:
+                    logits = torch.stack([pooled_q @ pooled_k[j] for j in candidates]) * scale
+                    probs = torch.softmax(logits, dim=0).tolist()
+                    ranked = sorted(range(len(candidates)), key=lambda c: -probs[c])
+                    mass = 0.0
+                    for c in ranked:
+                        if config.threshold < 1.0 and mass >= config.threshold:
+                            break
+                        chosen.append(candidates[c])
+                        mass += probs[c]
+                last_query = min((i + 1) * bs, n) - 1
+                for j in range(n_blocks):
+                    block_pos = slots[j * bs : (j + 1) * bs]
+                    own = j // blocks_per_segment == i // blocks_per_segment
+                    if (own and int(block_pos.min()) <= last_query) or bool((block_pos == 0).any()):
+                        chosen.append(j)
+                tiles[b, h, i, chosen] = True
+    return tiles
+
+
+def pbs_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PBSConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole PBS algorithm, densely.
+
+    Args:
+        query: ``[B, Hq, N, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
+        config: options (defaults if None); ``min_seq_len`` is ignored.
+
+    Returns:
+        ``(out [B, Hq, N, Dv] float32 CPU, tiles [B, Hq, nb, nb] bool, perm [B, Hp, N] int64)``.
+        For N <= segment_size: dense causal attention, all causal tiles, identity permutation.
+    """
+    config = config or PBSConfig()
+    batch, q_heads, n, d = query.shape
+    scale = config.scale if config.scale is not None else d**-0.5
+    perm_heads = q_heads if config.gqa == "per_head" else key.shape[1]
+    if n <= config.segment_size:
+        n_blocks = -(-n // config.block_size)
+        tiles = torch.ones(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool).tril()
+        perm = torch.arange(n).repeat(batch, perm_heads, 1)
+    else:
+        perm = permutation(importance(query, key, config), n, config.segment_size)
+        tiles = selection(query, key, perm, config)
+    out = masked_attention(query, key, value, token_mask(tiles, perm, config.block_size), scale)
+    return out, tiles, perm

@@ -1,0 +1,155 @@
+"""Block selection: which (query block, permuted key block) tiles are computed.
+
+Per (batch, query head, query block): mean-pool the queries and the permuted keys of each block,
+softmax the pooled logits over the candidate key blocks (the blocks of earlier segments), keep the
+smallest set of candidates, in descending score order, whose cumulative mass reaches the threshold.
+Then force the tiles no selection may drop: the block holding original token 0 (the attention sink)
+and every block of the query block's own segment that holds a key it may see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from flexpbs.permutation import block_position_bounds
+
+# Bytes one step of the selection may hold (scores, sort keys and indices of a head chunk).
+_CHUNK_BYTES = 256 * 2**20
+
+
+def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each block of tokens over its REAL tokens, in float32.
+
+    Args:
+        x: ``[B, H, N, D]``.
+
+    Returns:
+        ``[B, H, nb, D]`` float32; a partial last block is divided by its own length.
+    """
+    n = x.shape[2]
+    pad = -n % block_size
+    sums = F.pad(x.float(), (0, 0, 0, pad)).unflatten(2, (-1, block_size)).sum(dim=3)
+    counts = torch.full((sums.shape[2], 1), float(block_size), device=x.device)
+    counts[-1] = block_size - pad
+    return sums / counts
+
+
+def segment_of_block(n_blocks: int, block_size: int, segment_size: int, device: torch.device) -> torch.Tensor:
+    """``[nb]`` int64: the segment index of each block."""
+    return torch.arange(n_blocks, device=device) // (segment_size // block_size)
+
+
+def candidate_tiles(n_blocks: int, block_size: int, segment_size: int, device: torch.device) -> torch.Tensor:
+    """``[nb, nb]`` bool: key block lies in a segment before the query block's segment."""
+    seg = segment_of_block(n_blocks, block_size, segment_size, device)
+    return seg[None, :] < seg[:, None]
+
+
+def block_scores(
+    pooled_q: torch.Tensor, pooled_k: torch.Tensor, candidates: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax of pooled logits over the candidate key blocks.
+
+    Args:
+        pooled_q: ``[B, Hq, nb, D]`` float32.
+        pooled_k: ``[B, Hp, nb, D]`` float32, Hq a multiple of Hp (query head h reads h // (Hq/Hp)).
+        candidates: ``[nb, nb]`` bool.
+
+    Returns:
+        ``[B, Hq, nb, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
+    """
+    group = pooled_q.shape[1] // pooled_k.shape[1]
+    q = rearrange(pooled_q, "b (k g) i d -> b k g i d", g=group)
+    logits = torch.einsum("bkgid,bkjd->bkgij", q, pooled_k) * scale
+    logits = rearrange(logits, "b k g i j -> b (k g) i j").masked_fill(~candidates, float("-inf"))
+    # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
+    return logits.softmax(dim=-1).nan_to_num_(0.0)
+
+
+def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Smallest prefix of candidates, in descending probability, whose mass reaches ``threshold``.
+
+    Args:
+        probs: ``[B, H, nb, nb]`` float32 from :func:`block_scores`.
+        candidates: ``[nb, nb]`` bool.
+        threshold: in (0, 1]. 1.0 keeps every candidate: every softmax probability is positive
+            in exact arithmetic, even where float32 rounds the running sum up to 1 early.
+
+    Returns:
+        ``[B, H, nb, nb]`` bool. If the mass never reaches the threshold (rounding), all
+        candidates are kept. Ties keep the lower block index first.
+    """
+    if threshold >= 1.0:
+        return candidates.expand(probs.shape).clone()
+    # Non-candidates sort after every candidate, including candidates whose probability underflowed.
+    sort_key = probs.masked_fill(~candidates, -1.0)
+    ordered, order = torch.sort(sort_key, dim=-1, descending=True, stable=True)
+    mass = ordered.clamp_min(0.0).cumsum(dim=-1)
+    needed = (mass < threshold).sum(dim=-1, keepdim=True) + 1
+    needed = torch.minimum(needed, candidates.sum(dim=-1, keepdim=True))
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank < needed)
+
+
+def forced_tiles(perm: torch.Tensor, block_size: int, segment_size: int) -> torch.Tensor:
+    """Tiles computed regardless of scores: the sink block and the own segment.
+
+    Args:
+        perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
+
+    Returns:
+        ``[B, Hp, nb, nb]`` bool: the permuted block holding token 0, for every query block, and
+        every block of the query block's own segment holding a key at or before the block's last
+        query (own-segment blocks wholly in its future would be fully masked).
+    """
+    n = perm.shape[-1]
+    first_pos, _ = block_position_bounds(perm, block_size)
+    n_blocks = first_pos.shape[-1]
+    seg = segment_of_block(n_blocks, block_size, segment_size, perm.device)
+    last_query = (torch.arange(1, n_blocks + 1, device=perm.device) * block_size).clamp_max(n) - 1
+    own = (seg[:, None] == seg[None, :]) & (first_pos[:, :, None, :] <= last_query[:, None])
+    sink = (first_pos == 0)[:, :, None, :]
+    return own | sink
+
+
+def select_tiles(
+    query: torch.Tensor,
+    key_p: torch.Tensor,
+    perm: torch.Tensor,
+    *,
+    block_size: int,
+    segment_size: int,
+    threshold: float,
+    scale: float,
+) -> torch.Tensor:
+    """The tiles to compute, per (batch, query head).
+
+    Args:
+        query: ``[B, Hq, N, D]``.
+        key_p: ``[B, Hp, N, D]`` permuted keys, Hq a multiple of Hp.
+        perm: ``[B, Hp, N]`` int64, the permutation that produced ``key_p``.
+
+    Returns:
+        ``[B, Hq, nb, nb]`` bool over (query block, permuted key block).
+    """
+    batch, q_heads, n, _ = query.shape
+    group = q_heads // key_p.shape[1]
+    pooled_q = pool_blocks(query, block_size)
+    pooled_k = pool_blocks(key_p, block_size)
+    n_blocks = pooled_q.shape[2]
+    candidates = candidate_tiles(n_blocks, block_size, segment_size, query.device)
+    forced = forced_tiles(perm, block_size, segment_size)
+
+    tiles = torch.empty(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool, device=query.device)
+    per_head = batch * n_blocks * n_blocks * 16  # probs, sort key, sorted values, int64 order
+    step = max(1, _CHUNK_BYTES // per_head // group) * group
+    for h0 in range(0, q_heads, step):
+        h1 = min(h0 + step, q_heads)
+        probs = block_scores(
+            pooled_q[:, h0:h1], pooled_k[:, h0 // group : h1 // group], candidates, scale
+        )
+        own_and_sink = forced[:, h0 // group : h1 // group].repeat_interleave(group, dim=1)
+        tiles[:, h0:h1] = threshold_tiles(probs, candidates, threshold) | own_and_sink
+    return tiles
