@@ -1,0 +1,70 @@
+"""Shared input generators and dense baselines for the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    kv_heads: int
+    group: int
+    seq_len: int
+    head_dim: int
+    block_size: int
+    segment_size: int
+    seed: int
+    sharpness: float = 1.0
+
+    @property
+    def q_heads(self) -> int:
+        return self.kv_heads * self.group
+
+
+def make_qkv(case: Case, dtype: torch.dtype = torch.float32, value_dim: int | None = None):
+    """Random q/k/v; ``sharpness`` scales q so attention is peaked and selection non-trivial."""
+    gen = torch.Generator().manual_seed(case.seed)
+    shape_q = (case.batch, case.q_heads, case.seq_len, case.head_dim)
+    shape_k = (case.batch, case.kv_heads, case.seq_len, case.head_dim)
+    shape_v = (case.batch, case.kv_heads, case.seq_len, value_dim or case.head_dim)
+    q = torch.randn(shape_q, generator=gen) * case.sharpness
+    k = torch.randn(shape_k, generator=gen)
+    v = torch.randn(shape_v, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def sdpa_causal(q, k, v, scale=None):
+    """float32 dense causal attention with K/V repeated per query head."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.float().repeat_interleave(group, dim=1) for x in (k, v))
+    return F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, scale=scale)
+
+
+@st.composite
+def cases(draw, max_len: int = 1100, sharp: bool = False) -> Case:
+    block = draw(st.sampled_from([64, 128]))
+    segment = block * draw(st.sampled_from([1, 2, 4]))
+    seq_len = draw(
+        st.one_of(
+            st.integers(1, max_len),
+            st.sampled_from([segment, segment + 1, 2 * segment - 1, 2 * segment, 2 * segment + block + 1]).filter(
+                lambda n: n <= max_len
+            ),
+        )
+    )
+    return Case(
+        batch=draw(st.sampled_from([1, 2])),
+        kv_heads=draw(st.sampled_from([1, 2, 4])),
+        group=draw(st.sampled_from([1, 2, 4])),
+        seq_len=seq_len,
+        head_dim=draw(st.sampled_from([16, 32, 64, 128])),
+        block_size=block,
+        segment_size=segment,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        sharpness=draw(st.sampled_from([1.0, 2.0, 4.0])) if sharp else 1.0,
+    )

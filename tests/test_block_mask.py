@@ -1,0 +1,72 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+from flexpbs import reference
+from flexpbs.block_mask import build_block_mask, pbs_mask_mod
+
+
+def _random_case(seed, batch, q_heads, perm_heads, n, block, segment):
+    gen = torch.Generator().manual_seed(seed)
+    n_complete = n // segment * segment
+    perm = torch.arange(n).repeat(batch, perm_heads, 1)
+    for b in range(batch):
+        for h in range(perm_heads):
+            for s in range(0, n_complete, segment):
+                perm[b, h, s : s + segment] = s + torch.randperm(segment, generator=gen)
+    nb = -(-n // block)
+    tiles = torch.rand(batch, q_heads, nb, nb, generator=gen) < 0.5
+    return tiles, perm
+
+
+@settings(max_examples=60)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    perm_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    n=st.integers(1, 300),
+    block=st.sampled_from([16, 32, 64]),
+    seg_blocks=st.integers(1, 3),
+)
+def test_mask_mod_states_the_whole_token_mask(seed, batch, perm_heads, group, n, block, seg_blocks):
+    tiles, perm = _random_case(seed, batch, perm_heads * group, perm_heads, n, block, block * seg_blocks)
+    mask = create_mask(pbs_mask_mod(tiles, perm, block), batch, perm_heads * group, n, n, device="cpu")
+    want = reference.token_mask(tiles, perm, block)  # over ORIGINAL key positions
+    group_of = perm.repeat_interleave(group, dim=1)
+    in_slot_order = want.gather(-1, group_of[:, :, None, :].expand_as(want))
+    assert torch.equal(mask, in_slot_order)
+
+
+@settings(max_examples=40)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    group=st.sampled_from([1, 2]),
+    n=st.integers(1, 300),
+    block=st.sampled_from([16, 32, 64]),
+    seg_blocks=st.integers(1, 3),
+)
+def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n, block, seg_blocks):
+    tiles, perm = _random_case(seed, 1, 2 * group, 2, n, block, block * seg_blocks)
+    bm = build_block_mask(tiles, perm, block)
+    kv_num, kv_idx = bm.kv_num_blocks, bm.kv_indices
+    full_num, full_idx = bm.full_kv_num_blocks, bm.full_kv_indices
+    for t in (kv_num, kv_idx, full_num, full_idx):
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    assert kv_idx.shape == full_idx.shape == tiles.shape
+
+    nb = tiles.shape[-1]
+    token = create_mask(bm.mask_mod, 1, 2 * group, n, n, device="cpu")
+    padded = torch.nn.functional.pad(token, (0, nb * block - n, 0, nb * block - n))
+    tile_view = padded.unflatten(2, (nb, block)).unflatten(4, (nb, block))  # [b,h,qi,r,kj,c]
+    for h in range(2 * group):
+        for qb in range(nb):
+            partial = set(kv_idx[0, h, qb, : kv_num[0, h, qb]].tolist())
+            full = set(full_idx[0, h, qb, : full_num[0, h, qb]].tolist())
+            assert not partial & full
+            assert partial | full == set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
+            rows = slice(0, min(block, n - qb * block))
+            for kb in full:
+                cols = slice(0, min(block, n - kb * block))
+                assert tile_view[0, h, qb, rows, kb, cols].all()  # a full block is truly unmasked

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+import flexpbs
+from flexpbs import PBSConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(block_size=0), ValueError, "block_size"),
+        (dict(block_size=-64), ValueError, "block_size"),
+        (dict(block_size=64.0), TypeError, "block_size"),
+        (dict(segment_size=0), ValueError, "segment_size"),
+        (dict(block_size=128, segment_size=192), ValueError, "segment_size"),
+        (dict(threshold=0.0), ValueError, "threshold"),
+        (dict(threshold=1.5), ValueError, "threshold"),
+        (dict(threshold=-0.1), ValueError, "threshold"),
+        (dict(threshold=math.nan), ValueError, "threshold"),
+        (dict(threshold="0.9"), TypeError, "threshold"),
+        (dict(gqa="grouped"), ValueError, "gqa"),
+        (dict(scale=math.inf), ValueError, "scale"),
+        (dict(scale="1"), TypeError, "scale"),
+        (dict(min_seq_len=-1), ValueError, "min_seq_len"),
+    ],
+)
+def test_config_rejects_bad_options(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        PBSConfig(**kwargs)
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(error, match=name):
+        flexpbs.attention(q, q, q, **kwargs)
+
+
+def test_config_is_frozen_and_defaults_match_paper():
+    cfg = PBSConfig()
+    assert (cfg.block_size, cfg.segment_size, cfg.threshold, cfg.gqa) == (128, 256, 0.9, "shared")
+    with pytest.raises(Exception):
+        cfg.threshold = 0.5  # type: ignore[misc]
+
+
+def test_config_and_keywords_are_exclusive():
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="threshold"):
+        flexpbs.attention(q, q, q, config=PBSConfig(), threshold=0.5)
+    with pytest.raises(TypeError, match="config"):
+        flexpbs.attention(q, q, q, config={"threshold": 0.5})
+
+
+def test_config_object_is_used():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16) * 3 for _ in range(3))
+    cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.5)
+    out_cfg, stats_cfg = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    out_kw, stats_kw = flexpbs.attention(
+        q, k, v, block_size=64, segment_size=128, threshold=0.5, return_stats=True
+    )
+    torch.testing.assert_close(out_cfg, out_kw, rtol=0, atol=0)
+    assert torch.equal(stats_cfg.block_mask, stats_kw.block_mask)
+    assert stats_cfg.block_mask.shape[-1] == 5  # ceil(300 / 64)

@@ -1,0 +1,115 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexpbs import PBSConfig, reference
+from flexpbs.permutation import block_position_bounds, permute_kv, segment_permutation
+from flexpbs.selection import (
+    block_scores,
+    candidate_tiles,
+    pool_blocks,
+    select_tiles,
+    threshold_tiles,
+)
+from tests.helpers import cases, make_qkv
+
+
+def _pipeline(case, threshold, gqa="shared"):
+    q, k, v = make_qkv(case)
+    cfg = PBSConfig(
+        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa
+    )
+    perm = segment_permutation(reference.importance(q, k, cfg), case.seq_len, case.segment_size)
+    k_p, _ = permute_kv(k, v, perm)
+    scale = case.head_dim**-0.5
+    tiles = select_tiles(
+        q, k_p, perm, block_size=case.block_size, segment_size=case.segment_size,
+        threshold=threshold, scale=scale,
+    )
+    return q, k, k_p, perm, tiles, cfg
+
+
+long_cases = cases(sharp=True).filter(lambda c: c.seq_len > c.segment_size)
+
+
+@settings(max_examples=40)
+@given(case=long_cases, threshold=st.sampled_from([0.3, 0.8, 0.9, 0.99, 1.0]),
+       gqa=st.sampled_from(["shared", "per_head"]))
+def test_selection_matches_reference(case, threshold, gqa):
+    q, k, _, perm, tiles, cfg = _pipeline(case, threshold, gqa)
+    assert torch.equal(tiles, reference.selection(q, k, perm, cfg))
+
+
+@settings(max_examples=60)
+@given(case=long_cases, threshold=st.floats(0.05, 1.0))
+def test_selection_is_the_minimal_prefix_reaching_threshold(case, threshold):
+    q, _, k_p, perm, tiles, _ = _pipeline(case, threshold)
+    nb = tiles.shape[-1]
+    cand = candidate_tiles(nb, case.block_size, case.segment_size, q.device)
+    probs = block_scores(pool_blocks(q, case.block_size), pool_blocks(k_p, case.block_size),
+                         cand, case.head_dim**-0.5)
+    chosen = threshold_tiles(probs, cand, threshold)
+    assert not (chosen & ~cand).any()
+    # Every selected candidate also appears in the final tiles.
+    assert not (chosen & ~tiles).any()
+    mass = (probs * chosen).sum(-1)
+    has_cand = cand.any(-1).expand_as(mass)
+    n_chosen = chosen.sum(-1)
+    # reaches the threshold (or keeps everything when rounding stops short)
+    reached = mass >= threshold - 1e-6
+    all_kept = n_chosen == cand.sum(-1)
+    assert (reached | all_kept)[has_cand].all()
+    # minimal: dropping the weakest chosen block falls below the threshold
+    weakest = probs.masked_fill(~chosen, 2.0).amin(-1)
+    if threshold < 1.0:
+        assert ((mass - weakest < threshold + 1e-6) | (n_chosen == 0))[has_cand].all()
+    # greedy order: no unchosen candidate outweighs a chosen one
+    strongest_left = probs.masked_fill(chosen | ~cand, -1.0).amax(-1)
+    assert (strongest_left <= weakest + 1e-7).all()
+
+
+@settings(max_examples=60)
+@given(case=long_cases, threshold=st.floats(0.05, 1.0), gqa=st.sampled_from(["shared", "per_head"]))
+def test_sink_and_own_segment_always_computed_and_nothing_in_the_future(case, threshold, gqa):
+    q, _, _, perm, tiles, _ = _pipeline(case, threshold, gqa)
+    group = tiles.shape[1] // perm.shape[1]
+    first, _ = block_position_bounds(perm, case.block_size)
+    first = first.repeat_interleave(group, dim=1)
+    nb = tiles.shape[-1]
+    n = case.seq_len
+    per_seg = case.segment_size // case.block_size
+    seg = torch.arange(nb) // per_seg
+    last_query = ((torch.arange(nb) + 1) * case.block_size).clamp_max(n) - 1
+    visible = first[:, :, None, :] <= last_query[:, None]
+    # the sink block (holding original token 0) is computed for every query block
+    sink = first == 0
+    assert (sink.sum(-1) == 1).all()
+    assert (tiles | ~sink[:, :, None, :]).all()
+    # every own-segment block holding a key the query block may see is computed
+    own = (seg[:, None] == seg[None, :]) & visible
+    assert (tiles | ~own).all()
+    # no tile lies wholly in the future of its query block
+    assert not (tiles & ~visible).any()
+    # every query row keeps at least its own key: the diagonal's block is computed
+    for b in range(tiles.shape[0]):
+        for h in range(tiles.shape[1]):
+            slot_of = torch.empty(n, dtype=torch.long)
+            slot_of[perm[b, h // group]] = torch.arange(n)
+            own_block = slot_of // case.block_size
+            assert tiles[b, h, torch.arange(n) // case.block_size, own_block].all()
+
+
+def test_threshold_one_keeps_every_candidate_even_if_probabilities_underflow():
+    probs = torch.tensor([[[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]])
+    cand = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
+    assert torch.equal(threshold_tiles(probs, cand, 1.0)[0, 0], cand)
+    # just under 1: the underflowed candidate is not needed
+    assert threshold_tiles(probs, cand, 0.999)[0, 0].tolist() == [
+        [False, False, False], [True, False, False], [True, False, False]
+    ]
+
+
+def test_partial_last_block_is_pooled_over_real_tokens():
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    pooled = pool_blocks(x, 4)
+    assert pooled.flatten().tolist() == [1.5, 5.5, 8.5]
