@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexpbs.config import GQAMode, PBSConfig, PBSStats
-from flexpbs.importance import last_block_importance
+from flexpbs.config import GQAMode, PBSConfig, PBSStats, Scorer
+from flexpbs.importance import key_importance, resolve_scorer
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
 from flexpbs.sparse_attention import sparse_attention
@@ -26,6 +26,7 @@ def attention(
     gqa: GQAMode = "shared",
     scale: float | None = None,
     min_seq_len: int | None = None,
+    scorer: Scorer = "auto",
     config: PBSConfig | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
@@ -40,7 +41,8 @@ def attention(
         query: ``[B, Hq, N, D]`` float16, bfloat16 or float32.
         key: ``[B, Hkv, N, D]``, Hq a multiple of Hkv, same dtype and device as ``query``.
         value: ``[B, Hkv, N, Dv]``.
-        block_size, segment_size, threshold, gqa, scale, min_seq_len: see :class:`PBSConfig`.
+        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer: see
+            :class:`PBSConfig`.
         config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
             defaults.
         return_stats: also return a :class:`PBSStats`.
@@ -65,9 +67,11 @@ def attention(
         gqa=gqa,
         scale=scale,
         min_seq_len=min_seq_len,
+        scorer=scorer,
     )
     cfg = _resolve_config(config, options)
     _check_inputs(query, key, value)
+    scorer_used = resolve_scorer(cfg.scorer, query.device)
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
     softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
@@ -81,13 +85,14 @@ def attention(
             return out
         return out, _dense_stats(batch, q_heads, perm_heads, seq_len, cfg.block_size, query.device)
 
-    importance = last_block_importance(
+    importance = key_importance(
         query,
         key,
         block_size=cfg.block_size,
         segment_size=cfg.segment_size,
         scale=softmax_scale,
         per_query_head=cfg.gqa == "per_head",
+        scorer=scorer_used,
     )
     perm = segment_permutation(importance, seq_len, cfg.segment_size)
     key_p, value_p = permute_kv(key, value, perm)
@@ -106,7 +111,7 @@ def attention(
     if not return_stats:
         return out
     return out, PBSStats(
-        block_mask=tiles, permutation=perm, density=_density(tiles), dense=False
+        block_mask=tiles, permutation=perm, density=_density(tiles), dense=False, scorer=scorer_used
     )
 
 

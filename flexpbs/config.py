@@ -10,6 +10,8 @@ import torch
 
 GQAMode = Literal["shared", "per_head"]
 GQA_MODES: tuple[str, ...] = ("shared", "per_head")
+Scorer = Literal["auto", "triton", "torch"]
+SCORERS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -34,6 +36,8 @@ class PBSConfig:
         scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)`` as in SDPA. Used for
             importance, block selection and attention alike.
         min_seq_len: sequences shorter than this run dense causal attention.
+        scorer: importance pass implementation. ``"auto"``: the Triton kernel on CUDA when
+            Triton is importable, the PyTorch path otherwise; ``"triton"`` or ``"torch"`` force one.
     """
 
     block_size: int = 128
@@ -42,6 +46,7 @@ class PBSConfig:
     gqa: GQAMode = "shared"
     scale: float | None = None
     min_seq_len: int | None = None
+    scorer: Scorer = "auto"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -64,6 +69,8 @@ class PBSConfig:
                 raise ValueError(f"scale must be finite, got {self.scale}")
         if self.min_seq_len is not None:
             _check_int("min_seq_len", self.min_seq_len, minimum=0)
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,11 @@ class PBSStats:
             permuted slot; Hp = Hkv for ``gqa="shared"``, Hq for ``"per_head"``.
         density: ``[B, Hq]`` float32, computed tiles / (nb * (nb + 1) / 2).
         dense: True when the call ran dense causal attention (short input).
+        scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when dense).
     """
 
     block_mask: torch.Tensor
     permutation: torch.Tensor
     density: torch.Tensor
     dense: bool
+    scorer: str | None = None

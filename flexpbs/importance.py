@@ -7,6 +7,10 @@ over the keys of the complete segments only (no causal mask in this proxy).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 from einops import rearrange
 
@@ -58,3 +62,52 @@ def last_block_importance(
     if per_query_head:
         return rearrange(importance, "b k g n -> b (k g) n")
     return importance.mean(dim=2)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_scorer(scorer: str, device: torch.device) -> str:
+    """Which importance pass runs: ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` takes the Triton kernel for CUDA tensors when Triton is importable. ``"triton"`` on CPU
+    tensors needs the Triton interpreter (TRITON_INTERPRET=1, set before Triton is imported).
+    """
+    if scorer == "torch":
+        return "torch"
+    usable = _triton_importable() and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    if scorer == "triton" and not usable:
+        raise ValueError(
+            "scorer='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 "
+            f"for CPU tensors); got tensors on {device}"
+        )
+    return "triton" if usable and (scorer == "triton" or device.type == "cuda") else "torch"
+
+
+def key_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    block_size: int,
+    segment_size: int,
+    scale: float,
+    per_query_head: bool,
+    scorer: str,
+) -> torch.Tensor:
+    """:func:`last_block_importance` through the implementation ``scorer`` names (resolved)."""
+    if scorer == "triton":
+        from flexpbs.kernels.importance import triton_last_block_importance as score
+    else:
+        score = last_block_importance
+    return score(
+        query,
+        key,
+        block_size=block_size,
+        segment_size=segment_size,
+        scale=scale,
+        per_query_head=per_query_head,
+    )

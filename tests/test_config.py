@@ -60,3 +60,16 @@ def test_config_object_is_used():
     torch.testing.assert_close(out_cfg, out_kw, rtol=0, atol=0)
     assert torch.equal(stats_cfg.block_mask, stats_kw.block_mask)
     assert stats_cfg.block_mask.shape[-1] == 5  # ceil(300 / 64)
+
+
+def test_scorer_option(monkeypatch):
+    with pytest.raises(ValueError, match="scorer"):
+        PBSConfig(scorer="cuda")
+    q = torch.randn(1, 2, 300, 16)
+    _, stats = flexpbs.attention(q, q, q, segment_size=128, return_stats=True)
+    assert stats.scorer == "torch"  # auto on CPU tensors
+    _, stats = flexpbs.attention(q, q, q, segment_size=512, return_stats=True)  # N <= segment: dense
+    assert stats.dense and stats.scorer is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="scorer"):
+        flexpbs.attention(q, q, q, scorer="triton")
