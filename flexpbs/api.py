@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexpbs.config import GQAMode, PBSConfig, PBSStats, Scorer
+from flexpbs.config import GQAMode, PBSConfig, PBSStats, Permutation, Scorer
 from flexpbs.importance import key_importance, resolve_scorer
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
@@ -27,6 +27,7 @@ def attention(
     scale: float | None = None,
     min_seq_len: int | None = None,
     scorer: Scorer = "auto",
+    permutation: Permutation = "segment",
     config: PBSConfig | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
@@ -41,7 +42,7 @@ def attention(
         query: ``[B, Hq, N, D]`` float16, bfloat16 or float32.
         key: ``[B, Hkv, N, D]``, Hq a multiple of Hkv, same dtype and device as ``query``.
         value: ``[B, Hkv, N, Dv]``.
-        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer: see
+        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation: see
             :class:`PBSConfig`.
         config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
             defaults.
@@ -68,6 +69,7 @@ def attention(
         scale=scale,
         min_seq_len=min_seq_len,
         scorer=scorer,
+        permutation=permutation,
     )
     cfg = _resolve_config(config, options)
     _check_inputs(query, key, value)
@@ -85,17 +87,22 @@ def attention(
             return out
         return out, _dense_stats(batch, q_heads, perm_heads, seq_len, cfg.block_size, query.device)
 
-    importance = key_importance(
-        query,
-        key,
-        block_size=cfg.block_size,
-        segment_size=cfg.segment_size,
-        scale=softmax_scale,
-        per_query_head=cfg.gqa == "per_head",
-        scorer=scorer_used,
-    )
-    perm = segment_permutation(importance, seq_len, cfg.segment_size)
-    key_p, value_p = permute_kv(key, value, perm)
+    if cfg.permutation == "none":  # identity order is shared by all heads: no K/V copies
+        scorer_used = None
+        perm = identity_permutation(batch, kv_heads, seq_len, query.device)
+        key_p, value_p = key, value
+    else:
+        importance = key_importance(
+            query,
+            key,
+            block_size=cfg.block_size,
+            segment_size=cfg.segment_size,
+            scale=softmax_scale,
+            per_query_head=cfg.gqa == "per_head",
+            scorer=scorer_used,
+        )
+        perm = segment_permutation(importance, seq_len, cfg.segment_size)
+        key_p, value_p = permute_kv(key, value, perm)
     tiles = select_tiles(
         query,
         key_p,

@@ -12,6 +12,8 @@ GQAMode = Literal["shared", "per_head"]
 GQA_MODES: tuple[str, ...] = ("shared", "per_head")
 Scorer = Literal["auto", "triton", "torch"]
 SCORERS: tuple[str, ...] = ("auto", "triton", "torch")
+Permutation = Literal["segment", "none"]
+PERMUTATIONS: tuple[str, ...] = ("segment", "none")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -36,6 +38,10 @@ class PBSConfig:
         scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)`` as in SDPA. Used for
             importance, block selection and attention alike.
         min_seq_len: sequences shorter than this run dense causal attention.
+        permutation: ``"segment"`` sorts keys by importance inside each segment (PBS-Attn);
+            ``"none"`` keeps the original order (one identity permutation per KV head, whatever
+            ``gqa``): the same selector without permutation, for comparisons. It differs from the
+            paper's MeanPooling baseline, which has no segments and forces only the diagonal block.
         scorer: importance pass implementation. ``"auto"``: the Triton kernel on CUDA when
             Triton is importable, the PyTorch path otherwise; ``"triton"`` or ``"torch"`` force one.
     """
@@ -47,6 +53,7 @@ class PBSConfig:
     scale: float | None = None
     min_seq_len: int | None = None
     scorer: Scorer = "auto"
+    permutation: Permutation = "segment"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -69,6 +76,8 @@ class PBSConfig:
                 raise ValueError(f"scale must be finite, got {self.scale}")
         if self.min_seq_len is not None:
             _check_int("min_seq_len", self.min_seq_len, minimum=0)
+        if self.permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
 
@@ -81,10 +90,11 @@ class PBSStats:
         block_mask: ``[B, Hq, nb, nb]`` bool, nb = ceil(N / block_size): tile
             (query block, PERMUTED key block) is computed.
         permutation: ``[B, Hp, N]`` int64, the original position of the key at each
-            permuted slot; Hp = Hkv for ``gqa="shared"``, Hq for ``"per_head"``.
+            permuted slot; Hp = Hkv for ``gqa="shared"`` or ``permutation="none"``, Hq for
+            ``"per_head"``.
         density: ``[B, Hq]`` float32, computed tiles / (nb * (nb + 1) / 2).
         dense: True when the call ran dense causal attention (short input).
-        scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when dense).
+        scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when none ran).
     """
 
     block_mask: torch.Tensor

@@ -152,3 +152,21 @@ def test_empty_sequence():
     q = torch.randn(1, 2, 0, 16)
     out, stats = flexpbs.attention(q, q, q, return_stats=True)
     assert out.shape == (1, 2, 0, 16) and stats.block_mask.shape == (1, 2, 0, 0)
+
+
+@settings(max_examples=12)
+@given(case=cases(sharp=True), threshold=st.sampled_from([0.5, 0.9, 1.0]))
+def test_without_permutation_is_the_same_selector_on_the_original_order(case, threshold):
+    q, k, v = make_qkv(case)
+    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size,
+                    threshold=threshold, permutation="none")
+    out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    identity = torch.arange(case.seq_len).expand(case.batch, case.kv_heads, -1)
+    assert torch.equal(stats.permutation, identity) and stats.scorer is None
+    if not stats.dense:
+        assert torch.equal(stats.block_mask, reference.selection(q, k, identity, cfg))
+    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size)
+    torch.testing.assert_close(out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5),
+                               rtol=0, atol=FP32_ATOL)
+    if threshold == 1.0:
+        torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)

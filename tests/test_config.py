@@ -24,6 +24,7 @@ from flexpbs import PBSConfig
         (dict(scale=math.inf), ValueError, "scale"),
         (dict(scale="1"), TypeError, "scale"),
         (dict(min_seq_len=-1), ValueError, "min_seq_len"),
+        (dict(permutation="random"), ValueError, "permutation"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, error, name):
