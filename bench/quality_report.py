@@ -1,0 +1,145 @@
+"""Tables and plots from bench/quality.py results.
+
+    python bench/quality_report.py RESULTS.json [RESULTS.json ...] --out bench/quality_plots
+
+Writes tradeoff plots (density vs perplexity per method), per-layer density, the block-mask picture
+of one head before and after permutation (from the q/k/v saved next to the results), and prints
+markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import flexpbs  # noqa: E402
+from flexpbs import plot  # noqa: E402
+
+
+def load(paths: list[Path]) -> dict:
+    merged: dict = {"perplexity": [], "passkey": [], "layers": [], "texts": {}, "sources": []}
+    for p in paths:
+        r = json.loads(p.read_text())
+        for key in ("perplexity", "passkey", "layers"):
+            merged[key] += r[key]
+        merged["texts"].update(r["texts"])
+        merged["sources"].append(str(p))
+    return merged
+
+
+def perplexity_tables(r: dict) -> str:
+    out = []
+    groups = defaultdict(list)
+    for row in r["perplexity"]:
+        groups[(row["n"], row["text"])].append(row)
+    for (n, text), rows in sorted(groups.items()):
+        out.append(f"\n**{text}, {n} tokens**\n\n| method | density | perplexity | last 512 |\n|---|---|---|---|")
+        for row in rows:
+            out.append(f"| {row['method']} | {row['density']:.3f} | {row['ppl']:.2f} | {row['ppl_tail']:.2f} |")
+    return "\n".join(out)
+
+
+def passkey_table(r: dict) -> str:
+    out = ["| tokens | method | density | accuracy | trials |", "|---|---|---|---|---|"]
+    for row in r["passkey"]:
+        out.append(f"| {row['n']} | {row['method']} | {row['density']:.3f} | {row['accuracy']:.2f} | {row['trials']} |")
+    return "\n".join(out)
+
+
+def layer_table(r: dict) -> str:
+    agg = defaultdict(list)
+    for row in r["layers"]:
+        agg[(row["n"], row["text"], row["method"])].append(row)
+    out = ["| tokens | text | method | mean density | mean recall | min recall | mean rel. error | max rel. error |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (n, text, method), rows in sorted(agg.items()):
+        d = [x["density"] for x in rows]
+        rec = [x["recall"] for x in rows]
+        err = [x["rel_error"] for x in rows]
+        out.append(f"| {n} | {text} | {method} | {sum(d)/len(d):.3f} | {sum(rec)/len(rec):.4f} | {min(rec):.3f} "
+                   f"| {sum(err)/len(err):.4f} | {max(err):.3f} |")
+    return "\n".join(out)
+
+
+def tradeoff_plots(r: dict, out: Path) -> None:
+    groups = defaultdict(list)
+    for row in r["perplexity"]:
+        groups[(row["n"], row["text"])].append(row)
+    for (n, text), rows in groups.items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        dense = next(x for x in rows if x["family"] == "dense")
+        for ax, key, label in ((axes[0], "ppl", "perplexity, all tokens"), (axes[1], "ppl_tail", "perplexity, last 512")):
+            points = defaultdict(list)
+            for x in rows:
+                if x["family"] != "dense":
+                    points[x["family"]].append((x["density"], x[key]))
+            plot.tradeoff(points, ylabel=label, baseline=dense[key], ax=ax, title=f"{text}, {n} tokens")
+        fig.tight_layout()
+        fig.savefig(out / f"tradeoff_{text}_{n}.png", dpi=110)
+        plt.close(fig)
+
+
+def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:
+    series = defaultdict(lambda: defaultdict(list))
+    keys = set()
+    for row in r["layers"]:
+        if row["method"].endswith(threshold):
+            series[(row["n"], row["text"])][row["method"]].append((row["layer"], row["density"]))
+    for (n, text), methods in series.items():
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        per_method = {}
+        for m, pts in methods.items():
+            by_layer = defaultdict(list)
+            for layer, d in pts:
+                by_layer[layer].append(d)
+            per_method[m] = [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)]
+        plot.density_by_layer(per_method, ax=ax, title=f"density per layer, {text}, {n} tokens, threshold 0.9")
+        fig.tight_layout()
+        fig.savefig(out / f"layer_density_{text}_{n}.png", dpi=110)
+        plt.close(fig)
+        keys.add((n, text))
+
+
+def mask_picture(qkv_path: Path, out: Path, layer: int, head: int) -> None:
+    captured = torch.load(qkv_path)
+    q, k, v = (t.float() for t in captured[layer])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
+    for ax, perm_mode, title in ((axes[0], "none", "original order"), (axes[1], "segment", "after permutation")):
+        _, stats = flexpbs.attention(q, k, v, threshold=0.9, permutation=perm_mode, return_stats=True)
+        group = q.shape[1] // k.shape[1]
+        perm = stats.permutation[0, head // (q.shape[1] // stats.permutation.shape[1])]
+        mass = plot.tile_attention_mass(q[0, head], k[0, head // group], perm, 128)
+        plot.block_mask(stats.block_mask[0, head], mass=mass.clamp_min(1e-6).log10(), ax=ax,
+                        title=f"layer {layer} head {head}, {title}")
+    fig.tight_layout()
+    fig.savefig(out / f"block_mask_layer{layer}_head{head}.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("bench/quality_plots"))
+    parser.add_argument("--picture", nargs=3, metavar=("QKV_PT", "LAYER", "HEAD"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    r = load(args.results)
+    tradeoff_plots(r, args.out)
+    layer_density_plot(r, args.out)
+    if args.picture:
+        mask_picture(Path(args.picture[0]), args.out, int(args.picture[1]), int(args.picture[2]))
+    print("## Perplexity\n" + perplexity_tables(r))
+    print("\n## Passkey\n" + passkey_table(r))
+    print("\n## Per layer and head (averages over layers and heads)\n" + layer_table(r))
+
+
+if __name__ == "__main__":
+    main()
