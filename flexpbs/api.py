@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,7 @@ from flexpbs.sparse_attention import sparse_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULTS = PBSConfig()
+_OP_OPTIONS = tuple(f.name for f in fields(PBSConfig))  # the op's option arguments, in order
 
 
 def attention(
@@ -60,6 +63,11 @@ def attention(
 
     Inputs of at most ``segment_size`` tokens (or fewer than ``min_seq_len``) run dense causal
     SDPA. Inference only: no backward pass.
+
+    Inside ``torch.compile`` the pipeline is the opaque custom op ``flexpbs::attention`` (no graph
+    break, any dynamic length: FlexAttention's CPU template cannot compile a dynamic length, and CPU
+    inductor cannot lower a mask_mod over tables computed in the same graph); behind it the eager
+    pipeline runs. ``return_stats`` is then unsupported (ValueError).
     """
     options = dict(
         block_size=block_size,
@@ -73,6 +81,17 @@ def attention(
     )
     cfg = _resolve_config(config, options)
     _check_inputs(query, key, value)
+    if torch.compiler.is_compiling():
+        if return_stats:
+            raise ValueError("return_stats is not supported inside torch.compile; call eagerly")
+        return _attention_op(query, key, value, *(getattr(cfg, name) for name in _OP_OPTIONS))
+    return _pbs_attention(query, key, value, cfg, return_stats)
+
+
+def _pbs_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PBSConfig, return_stats: bool
+) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
+    """The pipeline on validated inputs, eagerly."""
     scorer_used = resolve_scorer(cfg.scorer, query.device)
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -120,6 +139,30 @@ def attention(
     return out, PBSStats(
         block_mask=tiles, permutation=perm, density=_density(tiles), dense=False, scorer=scorer_used
     )
+
+
+@torch.library.custom_op("flexpbs::attention", mutates_args=())
+def _attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    segment_size: int,
+    threshold: float,
+    gqa: str,
+    scale: float | None,
+    min_seq_len: int | None,
+    scorer: str,
+    permutation: str,
+) -> torch.Tensor:
+    cfg = PBSConfig(block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation)
+    # The fake kernel promises a contiguous result; SDPA and flex follow the query's strides.
+    return _pbs_attention(query, key, value, cfg, return_stats=False).contiguous()
+
+
+@_attention_op.register_fake
+def _(query, key, value, *options):
+    return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
 def _resolve_config(config: PBSConfig | None, options: dict) -> PBSConfig:

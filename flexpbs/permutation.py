@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_PAD_POSITION = 2**62  # larger than any sequence position, exact in float64 and int64
+
 
 def segment_permutation(importance: torch.Tensor, seq_len: int, segment_size: int) -> torch.Tensor:
     """Stable descending sort of importance inside each complete segment; the tail stays put.
@@ -73,6 +75,8 @@ def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Te
     """
     n = perm.shape[-1]
     pad = -n % block_size
-    first = F.pad(perm, (0, pad), value=n).unflatten(-1, (-1, block_size)).amin(dim=-1)
+    # A constant pad value (any value >= N is ignored by amin): padding with N itself would turn a
+    # dynamic length into a constant under torch.compile (a pad value must be a concrete number).
+    first = F.pad(perm, (0, pad), value=_PAD_POSITION).unflatten(-1, (-1, block_size)).amin(dim=-1)
     last = F.pad(perm, (0, pad), value=-1).unflatten(-1, (-1, block_size)).amax(dim=-1)
     return first, last

@@ -1,0 +1,217 @@
+"""PBS prefill attention for Hugging Face transformers models (transformers >= 4.56).
+
+    import flexpbs.integrations.transformers as fx
+    pbs = fx.register(block_size=128, segment_size=256, threshold=0.9)   # adds "flexpbs"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flexpbs")
+    # or: model.set_attn_implementation("flexpbs")
+
+The registered function runs :func:`flexpbs.attention` for causal prefill (query length == key
+length, no attention mask, ``module.is_causal``, no dropout, no autograd, longer than one segment)
+with K/V at their Hkv heads (GQA without ``repeat_kv``). Every other call (decoding, chunked
+prefill, padded batches, short prompts, dropout in training, gradients, non-causal modules, a
+``position_bias`` or paged cache) goes to transformers' own ``sdpa_attention_forward`` with the
+same arguments, so it computes exactly what ``attn_implementation="sdpa"`` computes. Masks are built
+as for "sdpa" (``sdpa_mask``), except that a plain causal mask with equal query and key lengths and no
+padding is always skipped (None), also under torch.compile, where transformers materialises it
+with torch < 2.14: the attention function sees ``attention_mask=None`` exactly when the batch has
+no padding, eagerly and compiled.
+
+Options: ``register(config=...)`` or ``register(**options)`` give the defaults; a model whose config
+has a ``flexpbs`` dict (``model.config.flexpbs = {"threshold": 0.95}``) overrides them key by key.
+The softmax scale is the model's ``scaling`` (as for SDPA) when the model passes one.
+
+What ran is observable in eager mode (nothing is recorded inside torch.compile): the returned
+:class:`FlexPBSAttention` counts calls per path in ``calls`` (``"pbs"`` or a fallback reason, see
+:data:`FALLBACK_REASONS`), keeps the last PBS call's :class:`~flexpbs.PBSStats` in ``last_stats``
+and calls ``on_stats(layer_idx, stats)`` after every PBS call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from flexpbs.api import attention
+from flexpbs.config import PBSConfig, PBSStats
+
+FALLBACK_REASONS: dict[str, str] = {
+    "not_prefill": "query length != key length (decoding, chunked prefill, static cache slots)",
+    "mask": "an attention mask was passed (padding or a custom mask)",
+    "not_causal": "the module or the call is not causal",
+    "dropout": "attention dropout > 0 (training)",
+    "grad": "inputs require grad with autograd enabled (PBS is inference-only)",
+    "short": "at most segment_size tokens, or fewer than min_seq_len",
+    "unsupported": "position_bias or a paged cache",
+}
+
+
+class FlexPBSAttention:
+    """The attention function :func:`register` adds; callable with transformers' signature.
+
+    Attributes:
+        name: the ``attn_implementation`` name it is registered under.
+        config: the registration's :class:`PBSConfig` (defaults for every model).
+        calls: ``collections.Counter`` of eager calls per path: ``"pbs"`` or a key of
+            :data:`FALLBACK_REASONS`.
+        last_stats: :class:`PBSStats` of the last eager PBS call (any layer), or None.
+        on_stats: ``callable(layer_idx, stats)`` called after every eager PBS call, or None.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: PBSConfig,
+        on_stats: Callable[[int | None, PBSStats], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.on_stats = on_stats
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.last_stats: PBSStats | None = None
+
+    def reset(self) -> None:
+        """Clear ``calls`` and ``last_stats``."""
+        self.calls.clear()
+        self.last_stats = None
+
+    def config_for(self, module: torch.nn.Module, scaling: float | None = None) -> PBSConfig:
+        """The options used for ``module``: registration config, then the model config's
+        ``flexpbs`` dict, then the model's ``scaling``."""
+        overrides = getattr(getattr(module, "config", None), "flexpbs", None) or {}
+        if not isinstance(overrides, dict):
+            raise TypeError(
+                f"model config.flexpbs must be a dict of PBSConfig options, got {type(overrides).__name__}"
+            )
+        options = {**dataclasses.asdict(self.config), **overrides}
+        if scaling is not None:
+            options["scale"] = float(scaling)
+        return PBSConfig(**options)
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """``query [B, Hq, Nq, D]``, ``key``/``value [B, Hkv, Nk, D]`` -> (``[B, Nq, Hq, Dv]``, None)."""
+        config = self.config_for(module, scaling)
+        reason = _fallback_reason(module, query, key, value, attention_mask, dropout, config, kwargs)
+        compiling = torch.compiler.is_compiling()
+        if reason is not None:
+            if not compiling:
+                self.calls[reason] += 1
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+            return out, None
+        if compiling:
+            out = attention(query, key, value, config=config)
+        else:
+            out, stats = attention(query, key, value, config=config, return_stats=True)
+            self.calls["pbs"] += 1
+            self.last_stats = stats
+            if self.on_stats is not None:
+                self.on_stats(getattr(module, "layer_idx", None), stats)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _fallback_reason(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    config: PBSConfig,
+    kwargs: dict,
+) -> str | None:
+    """Why this call cannot run PBS (a key of FALLBACK_REASONS), or None when it can."""
+    seq_len = query.shape[2]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+        return "unsupported"
+    if key.shape[2] != seq_len:
+        return "not_prefill"
+    if attention_mask is not None:
+        return "mask"
+    if not is_causal:
+        return "not_causal"
+    if dropout > 0.0:
+        return "dropout"
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "grad"
+    if seq_len <= config.segment_size or (config.min_seq_len is not None and seq_len < config.min_seq_len):
+        return "short"
+    return None
+
+
+def _causal_mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, but None for a plain causal mask of equal query and key
+    lengths without padding, decided on shapes and arguments only (no data, no graph break)."""
+    q_length = kwargs.get("q_length")
+    if q_length is None and kwargs.get("cache_position") is not None:  # transformers < 5
+        q_length = kwargs["cache_position"].shape[0]
+    plain_causal = (
+        not args
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None
+        and kwargs.get("allow_is_causal_skip", True)
+        and kwargs.get("kv_offset", 0) == 0
+        and q_length is not None
+        and q_length == kwargs.get("kv_length")
+    )
+    return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+
+def register(
+    name: str = "flexpbs",
+    config: PBSConfig | None = None,
+    *,
+    on_stats: Callable[[int | None, PBSStats], None] | None = None,
+    **options,
+) -> FlexPBSAttention:
+    """Register PBS prefill attention with transformers under ``name``.
+
+    Args:
+        name: the ``attn_implementation`` name (``from_pretrained(..., attn_implementation=name)``
+            or ``model.set_attn_implementation(name)``).
+        config: a :class:`PBSConfig`; or pass its fields as ``options``, not both.
+        on_stats: optional ``callable(layer_idx, stats)`` after every eager PBS call.
+        **options: :class:`PBSConfig` fields.
+
+    Returns:
+        The registered :class:`FlexPBSAttention` (call counters, last stats).
+
+    Raises:
+        TypeError: ``name`` is not a str, ``config`` not a PBSConfig, or an option has a wrong type.
+        ValueError: an option is out of range, or ``config`` and ``options`` are both given.
+
+    Registering a name again replaces the function. The mask function of ``name`` is ``sdpa_mask``
+    (with plain causal masks skipped also under torch.compile).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if config is not None and not isinstance(config, PBSConfig):
+        raise TypeError(f"config must be a PBSConfig or None, got {type(config).__name__}")
+    if config is not None and options:
+        raise ValueError(
+            f"pass options either in config or as keywords, not both; got config and {sorted(options)}"
+        )
+    fn = FlexPBSAttention(name, config if config is not None else PBSConfig(**options), on_stats)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, _causal_mask)
+    return fn
