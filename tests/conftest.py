@@ -1,6 +1,11 @@
 import os
 
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 # CI is reproducible (derandomized); a local run can explore with HYPOTHESIS_PROFILE=explore.
