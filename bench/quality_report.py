@@ -69,6 +69,30 @@ def layer_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def per_head_effect(r: dict, tol: float = 0.005) -> str:
+    """Share of heads whose density permutation lowers / leaves within ``tol`` / raises, per setting."""
+    by_key = {}
+    for row in r["layers"]:
+        by_key[(row["n"], row["text"], row["method"], row["layer"], row["head"])] = row
+    out = ["| tokens | text | setting | heads | density lower with PBS | unchanged | higher | mean recall PBS / no perm |",
+           "|---|---|---|---|---|---|---|---|"]
+    settings = sorted({(k[0], k[1], k[2][len("PBS-"):]) for k in by_key if k[2].startswith("PBS-")})
+    for n, text, setting in settings:
+        pairs = [(v, by_key.get((n, text, "noperm-" + setting, k[3], k[4])))
+                 for k, v in by_key.items() if k[:3] == (n, text, "PBS-" + setting)]
+        pairs = [(a, b) for a, b in pairs if b is not None]
+        if not pairs:
+            continue
+        diff = [a["density"] - b["density"] for a, b in pairs]
+        lower = sum(d < -tol for d in diff) / len(diff)
+        higher = sum(d > tol for d in diff) / len(diff)
+        rec_a = sum(a["recall"] for a, _ in pairs) / len(pairs)
+        rec_b = sum(b["recall"] for _, b in pairs) / len(pairs)
+        out.append(f"| {n} | {text} | {setting} | {len(pairs)} | {lower:.1%} | {1 - lower - higher:.1%} | {higher:.1%} "
+                   f"| {rec_a:.4f} / {rec_b:.4f} |")
+    return "\n".join(out)
+
+
 def tradeoff_plots(r: dict, out: Path) -> None:
     groups = defaultdict(list)
     for row in r["perplexity"]:
@@ -139,6 +163,7 @@ def main() -> None:
     print("## Perplexity\n" + perplexity_tables(r))
     print("\n## Passkey\n" + passkey_table(r))
     print("\n## Per layer and head (averages over layers and heads)\n" + layer_table(r))
+    print("\n## Per head: does permutation lower the density? (same threshold and segment)\n" + per_head_effect(r))
 
 
 if __name__ == "__main__":
