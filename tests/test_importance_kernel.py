@@ -12,6 +12,7 @@ import triton.language as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import flexpbs  # noqa: E402
 from flexpbs.importance import last_block_importance  # noqa: E402
 from flexpbs.kernels import importance as kernel_module  # noqa: E402
 from flexpbs.kernels.importance import triton_last_block_importance  # noqa: E402
@@ -148,3 +149,30 @@ def test_rejects_bad_inputs(q_shape, k_shape, dtypes, error):
     k = torch.zeros(k_shape, dtype=dtypes[1], device=DEVICE)
     with pytest.raises(error):
         triton_last_block_importance(q, k, block_size=8, segment_size=8, scale=1.0, per_query_head=False)
+
+
+@settings(max_examples=4)
+@given(
+    seq_len=st.sampled_from([150, 300]),  # few lengths: each new shape compiles FlexAttention
+    group=st.sampled_from([1, 2]),
+    gqa=st.sampled_from(["shared", "per_head"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pipeline_with_triton_scorer_equals_torch_scorer(seq_len, group, gqa, seed):
+    case = Case(batch=1, kv_heads=2, group=group, seq_len=seq_len, head_dim=16, block_size=32,
+                segment_size=64, seed=seed, sharpness=3.0)
+    q, k = _inputs(case, torch.float32)
+    v = torch.randn_like(k)
+    opts = dict(block_size=32, segment_size=64, threshold=0.7, gqa=gqa, return_stats=True)
+    out_t, st_t = flexpbs.attention(q, k, v, scorer="triton", **opts)
+    out_r, st_r = flexpbs.attention(q, k, v, scorer="torch", **opts)
+    assert (st_t.scorer, st_r.scorer) == ("triton", "torch")
+    n_complete = seq_len // 64 * 64
+    imp = last_block_importance(q, k, block_size=32, segment_size=64, scale=0.25, per_query_head=gqa == "per_head")
+    # identical permutations, except where importances tie to float32 rounding
+    got = imp.gather(-1, st_t.permutation[..., :n_complete])
+    want = imp.gather(-1, st_r.permutation[..., :n_complete])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    if torch.equal(st_t.permutation, st_r.permutation):
+        assert torch.equal(st_t.block_mask, st_r.block_mask)
+        torch.testing.assert_close(out_t, out_r, rtol=0, atol=1e-6)
