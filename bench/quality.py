@@ -210,6 +210,10 @@ def main() -> None:
     parser.add_argument("--ppl-texts", nargs="+", default=["licenses", "python"])
     parser.add_argument("--passkey-trials", type=int, default=8)
     parser.add_argument("--passkey-thresholds", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity and per-layer analysis")
+    parser.add_argument("--no-passkey", action="store_true")
+    parser.add_argument("--no-passkey-dense", dest="passkey_dense", action="store_false",
+                        help="skip the dense passkey baseline (when another run has it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/quality_out"))
     args = parser.parse_args()
@@ -228,7 +232,7 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
     for n in args.lengths:
-        for name in args.ppl_texts:
+        for name in [] if args.no_perplexity else args.ppl_texts:
             files = sources[name]
             results["texts"][name] = {"files": [str(f) for f in files], "joined_with": "two newlines",
                                       "token_range": [0, max(args.lengths)]}
@@ -256,8 +260,11 @@ def main() -> None:
                 results["layers"].append(dict(n=n, text=name, **row))
             save()
 
+        if args.no_passkey:
+            continue
         haystack = text_ids(tok, sources["licenses"], n)
-        for method in tqdm([m for m in all_methods if m.config is None or m.config.threshold in args.passkey_thresholds],
+        for method in tqdm([m for m in all_methods if (m.config is None and args.passkey_dense)
+                            or (m.config is not None and m.config.threshold in args.passkey_thresholds)],
                            desc=f"passkey {n}", file=sys.stdout):
             use(model, method)
             RECORDER.density.clear()
