@@ -111,6 +111,25 @@ def tradeoff_plots(r: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def passkey_plot(r: dict, out: Path) -> None:
+    groups = defaultdict(list)
+    for row in r["passkey"]:
+        groups[row["n"]].append(row)
+    for n, rows in groups.items():
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        points = defaultdict(list)
+        for x in rows:
+            if x["family"] != "dense":
+                points[x["family"]].append((x["density"], x["accuracy"]))
+        dense = next((x["accuracy"] for x in rows if x["family"] == "dense"), None)
+        trials = rows[0]["trials"]
+        plot.tradeoff(points, ylabel=f"passkey accuracy ({trials} trials)", baseline=dense, ax=ax,
+                      title=f"passkey, {n} tokens")
+        fig.tight_layout()
+        fig.savefig(out / f"passkey_{n}.png", dpi=110)
+        plt.close(fig)
+
+
 def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:
     series = defaultdict(lambda: defaultdict(list))
     keys = set()
@@ -157,6 +176,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     r = load(args.results)
     tradeoff_plots(r, args.out)
+    passkey_plot(r, args.out)
     layer_density_plot(r, args.out)
     if args.picture:
         mask_picture(Path(args.picture[0]), args.out, int(args.picture[1]), int(args.picture[2]))
