@@ -25,6 +25,16 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (4.0, 4.0)) -> Axes:
     return plt.figure(figsize=size).add_subplot()
 
 
+def _label_line_chart(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> Axes:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
 def block_mask(
     tiles: torch.Tensor,
     *,
@@ -65,13 +75,7 @@ def density_by_layer(
     ax = _axes(ax, (5.0, 3.2))
     for label, values in densities.items():
         ax.plot(range(len(values)), list(values), marker=".", label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("density of computed tiles")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return ax
+    return _label_line_chart(ax, "layer", "density of computed tiles", title)
 
 
 def tradeoff(
@@ -89,13 +93,7 @@ def tradeoff(
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
     if baseline is not None:
         ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("density of computed tiles")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return ax
+    return _label_line_chart(ax, "density of computed tiles", ylabel, title)
 
 
 def tile_attention_mass(
