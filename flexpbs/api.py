@@ -79,7 +79,8 @@ def attention(
         scorer=scorer,
         permutation=permutation,
     )
-    cfg = _resolve_config(config, options)
+    changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
+    cfg = PBSConfig.resolve(config, changed)
     _check_inputs(query, key, value)
     if torch.compiler.is_compiling():
         if return_stats:
@@ -98,7 +99,7 @@ def _pbs_attention(
     softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
-    if seq_len <= cfg.segment_size or (cfg.min_seq_len is not None and seq_len < cfg.min_seq_len):
+    if cfg.runs_dense(seq_len):
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=softmax_scale, enable_gqa=True
         )
@@ -163,19 +164,6 @@ def _attention_op(
 @_attention_op.register_fake
 def _(query, key, value, *options):
     return query.new_empty(*query.shape[:3], value.shape[-1])
-
-
-def _resolve_config(config: PBSConfig | None, options: dict) -> PBSConfig:
-    if config is None:
-        return PBSConfig(**options)
-    if not isinstance(config, PBSConfig):
-        raise TypeError(f"config must be a PBSConfig or None, got {type(config).__name__}")
-    changed = [name for name, value in options.items() if value != getattr(_DEFAULTS, name)]
-    if changed:
-        raise ValueError(
-            f"pass options either in config or as keywords, not both; got config and {changed}"
-        )
-    return config
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -80,6 +81,28 @@ class PBSConfig:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+
+    @classmethod
+    def resolve(cls, config: PBSConfig | None, options: Mapping[str, Any]) -> PBSConfig:
+        """``config`` itself, or a new config from ``options`` (PBSConfig fields); not both.
+
+        Raises:
+            TypeError: ``config`` is not a PBSConfig, or an option has a wrong type.
+            ValueError: both ``config`` and ``options`` are given, or an option is out of range.
+        """
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, PBSConfig):
+            raise TypeError(f"config must be a PBSConfig or None, got {type(config).__name__}")
+        if options:
+            raise ValueError(
+                f"pass options either in config or as keywords, not both; got config and {sorted(options)}"
+            )
+        return config
+
+    def runs_dense(self, seq_len: int) -> bool:
+        """Whether ``seq_len`` tokens run dense causal attention instead of PBS (too short)."""
+        return seq_len <= self.segment_size or (self.min_seq_len is not None and seq_len < self.min_seq_len)
 
 
 @dataclass(frozen=True)

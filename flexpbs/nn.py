@@ -34,13 +34,7 @@ class PBSAttention(nn.Module):
 
     def __init__(self, config: PBSConfig | None = None, **options) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, PBSConfig):
-            raise TypeError(f"config must be a PBSConfig or None, got {type(config).__name__}")
-        if config is not None and options:
-            raise ValueError(
-                f"pass options either in config or as keywords, not both; got config and {sorted(options)}"
-            )
-        self.config = config if config is not None else PBSConfig(**options)
+        self.config = PBSConfig.resolve(config, options)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return attention(query, key, value, config=self.config)

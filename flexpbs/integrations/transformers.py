@@ -153,7 +153,7 @@ def _fallback_reason(
         return "dropout"
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return "grad"
-    if seq_len <= config.segment_size or (config.min_seq_len is not None and seq_len < config.min_seq_len):
+    if config.runs_dense(seq_len):
         return "short"
     return None
 
@@ -205,13 +205,7 @@ def register(
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
-    if config is not None and not isinstance(config, PBSConfig):
-        raise TypeError(f"config must be a PBSConfig or None, got {type(config).__name__}")
-    if config is not None and options:
-        raise ValueError(
-            f"pass options either in config or as keywords, not both; got config and {sorted(options)}"
-        )
-    fn = FlexPBSAttention(name, config if config is not None else PBSConfig(**options), on_stats)
+    fn = FlexPBSAttention(name, PBSConfig.resolve(config, options), on_stats)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, _causal_mask)
     return fn
