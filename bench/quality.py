@@ -49,17 +49,28 @@ class Method:
             return "dense"
         if self.config.permutation == "none":
             return f"no permutation, segment {self.config.segment_size}"
+        if self.config.max_shrink is not None:
+            return f"PBS + head guard {self.config.max_shrink}, segment {self.config.segment_size}"
         return f"PBS, segment {self.config.segment_size}"
 
 
-def methods(thresholds: list[float], segments: list[int]) -> list[Method]:
-    out = [Method("dense", None)]
+FAMILIES = ("dense", "PBS", "noperm", "guard")
+
+
+def methods(thresholds: list[float], segments: list[int], families=FAMILIES[:3], max_shrink=0.1) -> list[Method]:
+    """Dense first (when asked), then per segment: PBS, no permutation, PBS with the head guard."""
+    out = [Method("dense", None)] if "dense" in families else []
     for seg in segments:
-        for perm in ("segment", "none"):
+        for name in ("PBS", "noperm", "guard"):
+            if name not in families:
+                continue
             for thr in thresholds:
-                cfg = PBSConfig(threshold=thr, segment_size=seg, permutation=perm)
-                name = "PBS" if perm == "segment" else "noperm"
-                out.append(Method(f"{name}-s{seg}-t{thr}", cfg))
+                if name == "guard":
+                    cfg = PBSConfig(threshold=thr, segment_size=seg, max_shrink=max_shrink)
+                    out.append(Method(f"guard{max_shrink}-s{seg}-t{thr}", cfg))
+                else:
+                    cfg = PBSConfig(threshold=thr, segment_size=seg, permutation="segment" if name == "PBS" else "none")
+                    out.append(Method(f"{name}-s{seg}-t{thr}", cfg))
     return out
 
 
@@ -95,6 +106,7 @@ class Recorder:
     """Per-layer stats of the last forward (filled by the attention function)."""
 
     density: dict[int, torch.Tensor] = field(default_factory=dict)
+    sorted_rows: dict[int, float] = field(default_factory=dict)  # share of heads on the importance order
     captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     capture: bool = False
 
@@ -116,6 +128,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     out, stats = flexpbs.attention(query, key, value, config=cfg if scaling is None else
                                    PBSConfig(**{**cfg.__dict__, "scale": scaling}), return_stats=True)
     RECORDER.density[module.layer_idx] = stats.density[0].clone()
+    if stats.sorted_rows is not None:
+        RECORDER.sorted_rows[module.layer_idx] = stats.sorted_rows.float().mean().item()
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -156,6 +170,11 @@ def passkey_accuracy(model, tok, haystack, n, trials, seed) -> tuple[float, floa
         hits += str(key) in answer.replace(" ", "")
         dens += [d.mean().item() for d in RECORDER.density.values()] or [1.0]
     return hits / trials, sum(dens) / len(dens)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
 
 
 # ---- per layer and head, on captured q/k/v ---------------------------------------------------------
@@ -208,6 +227,9 @@ def main() -> None:
     parser.add_argument("--no-passkey", action="store_true")
     parser.add_argument("--no-passkey-dense", dest="passkey_dense", action="store_false",
                         help="skip the dense passkey baseline (when another run has it)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]),
+                        help="methods to run; without dense there is no per-layer analysis")
+    parser.add_argument("--max-shrink", type=float, default=0.1, help="head guard of the 'guard' family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/quality_out"))
     args = parser.parse_args()
@@ -218,7 +240,7 @@ def main() -> None:
 
     tok, model, gguf = load_model()
     sources = texts()
-    all_methods = methods(args.thresholds, args.segments)
+    all_methods = methods(args.thresholds, args.segments, args.families, args.max_shrink)
     results: dict = {"model": gguf, "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
                      "texts": {}, "perplexity": [], "passkey": [], "layers": []}
 
@@ -234,12 +256,14 @@ def main() -> None:
             for method in tqdm(all_methods, desc=f"perplexity {name} {n}", file=sys.stdout):
                 use(model, method)
                 RECORDER.density.clear()
+                RECORDER.sorted_rows.clear()
                 RECORDER.capture = method.config is None
                 start = time.perf_counter()
                 ppl, ppl_tail, dens = perplexity(model, ids)
                 results["perplexity"].append(dict(n=n, text=name, method=method.label, family=method.family,
                                                   threshold=method.config.threshold if method.config else 1.0,
                                                   density=dens, ppl=ppl, ppl_tail=ppl_tail,
+                                                  sorted_share=_mean(RECORDER.sorted_rows.values()),
                                                   seconds=time.perf_counter() - start))
                 if method.config is None:
                     captured = dict(RECORDER.captured)
@@ -249,6 +273,8 @@ def main() -> None:
                         torch.save({i: tuple(t.half() for t in qkv) for i, qkv in captured.items()},
                                    args.out / f"qkv_{name}_{n}.pt")
                 save()
+            if "dense" not in args.families:
+                continue
             print(f"per-layer analysis, {name} {n}", flush=True)
             for row in layer_analysis(captured, all_methods[1:], all_methods[1].config.block_size):
                 results["layers"].append(dict(n=n, text=name, **row))
@@ -262,10 +288,13 @@ def main() -> None:
                            desc=f"passkey {n}", file=sys.stdout):
             use(model, method)
             RECORDER.density.clear()
+            RECORDER.sorted_rows.clear()
+            start = time.perf_counter()
             acc, dens = passkey_accuracy(model, tok, haystack, n, args.passkey_trials, args.seed + n)
             results["passkey"].append(dict(n=n, method=method.label, family=method.family,
                                            threshold=method.config.threshold if method.config else 1.0,
-                                           accuracy=acc, density=dens, trials=args.passkey_trials))
+                                           accuracy=acc, density=dens, trials=args.passkey_trials,
+                                           seconds=time.perf_counter() - start))
             save()
     print(f"wrote {args.out / 'results.json'}")
 

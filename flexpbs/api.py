@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from flexpbs.config import GQAMode, PBSConfig, PBSStats, Permutation, Scorer
+from flexpbs.head_guard import keep_sorted_order, mix_orders
 from flexpbs.importance import key_importance, resolve_scorer
+from flexpbs.last_block import last_block_tiles
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
 from flexpbs.sparse_attention import sparse_attention
@@ -31,6 +33,8 @@ def attention(
     min_seq_len: int | None = None,
     scorer: Scorer = "auto",
     permutation: Permutation = "segment",
+    max_shrink: float | None = None,
+    exact_last_block: bool = False,
     config: PBSConfig | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
@@ -45,8 +49,8 @@ def attention(
         query: ``[B, Hq, N, D]`` float16, bfloat16 or float32.
         key: ``[B, Hkv, N, D]``, Hq a multiple of Hkv, same dtype and device as ``query``.
         value: ``[B, Hkv, N, Dv]``.
-        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation: see
-            :class:`PBSConfig`.
+        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation,
+            max_shrink, exact_last_block: see :class:`PBSConfig`.
         config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
             defaults.
         return_stats: also return a :class:`PBSStats`.
@@ -78,6 +82,8 @@ def attention(
         min_seq_len=min_seq_len,
         scorer=scorer,
         permutation=permutation,
+        max_shrink=max_shrink,
+        exact_last_block=exact_last_block,
     )
     changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
     cfg = PBSConfig.resolve(config, changed)
@@ -107,38 +113,60 @@ def _pbs_attention(
             return out
         return out, _dense_stats(batch, q_heads, perm_heads, seq_len, cfg.block_size, query.device)
 
-    if cfg.permutation == "none":  # identity order is shared by all heads: no K/V copies
-        scorer_used = None
-        perm = identity_permutation(batch, kv_heads, seq_len, query.device)
-        key_p, value_p = key, value
-    else:
+    importance = None
+    if cfg.permutation == "segment" or cfg.exact_last_block:
         importance = key_importance(
             query,
             key,
             block_size=cfg.block_size,
             segment_size=cfg.segment_size,
             scale=softmax_scale,
-            per_query_head=cfg.gqa == "per_head",
+            per_query_head=cfg.gqa == "per_head" and cfg.permutation == "segment",
             scorer=scorer_used,
         )
+    else:
+        scorer_used = None
+    if cfg.permutation == "none":  # identity order is shared by all heads: no K/V copies
+        perm = identity_permutation(batch, kv_heads, seq_len, query.device)
+        key_p, value_p = key, value
+    else:
         perm = segment_permutation(importance, seq_len, cfg.segment_size)
         key_p, value_p = permute_kv(key, value, perm)
-    tiles = select_tiles(
-        query,
-        key_p,
-        perm,
+    select = dict(
         block_size=cfg.block_size,
         segment_size=cfg.segment_size,
         threshold=cfg.threshold,
         scale=softmax_scale,
     )
+    tiles = select_tiles(query, key_p, perm, **select)
+    sorted_rows = torch.full(perm.shape[:2], cfg.permutation == "segment", device=query.device)
+    if cfg.max_shrink is not None:  # head guard: the original order where sorting shrinks the selection
+        identity = identity_permutation(batch, perm.shape[1], seq_len, query.device)
+        tiles_original = select_tiles(query, key, identity[:, :kv_heads], **select)
+        sorted_rows = keep_sorted_order(tiles, tiles_original, perm.shape[1], cfg.max_shrink)
+        perm, tiles = mix_orders(sorted_rows, perm, identity, tiles, tiles_original)
+        key_p, value_p = permute_kv(key, value, perm)
+    if cfg.exact_last_block:  # the block of the last query trusts the exact mass, not the pooled one
+        last_row = last_block_tiles(
+            importance,
+            perm,
+            block_size=cfg.block_size,
+            segment_size=cfg.segment_size,
+            threshold=cfg.threshold,
+        )
+        tiles[:, :, -1] |= last_row.repeat_interleave(q_heads // perm.shape[1], dim=1)
     out = sparse_attention(
         query, key_p, value_p, tiles, perm, block_size=cfg.block_size, scale=softmax_scale
     )
     if not return_stats:
         return out
     return out, PBSStats(
-        block_mask=tiles, permutation=perm, density=_density(tiles), dense=False, scorer=scorer_used
+        block_mask=tiles,
+        permutation=perm,
+        density=_density(tiles),
+        dense=False,
+        scorer=scorer_used,
+        sorted_rows=sorted_rows,
     )
 
 
@@ -155,8 +183,21 @@ def _attention_op(
     min_seq_len: int | None,
     scorer: str,
     permutation: str,
+    max_shrink: float | None,
+    exact_last_block: bool,
 ) -> torch.Tensor:
-    cfg = PBSConfig(block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation)
+    cfg = PBSConfig(
+        block_size,
+        segment_size,
+        threshold,
+        gqa,
+        scale,
+        min_seq_len,
+        scorer,
+        permutation,
+        max_shrink,
+        exact_last_block,
+    )
     # The fake kernel promises a contiguous result; SDPA and flex follow the query's strides.
     return _pbs_attention(query, key, value, cfg, return_stats=False).contiguous()
 

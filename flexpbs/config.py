@@ -45,6 +45,18 @@ class PBSConfig:
             paper's MeanPooling baseline, which has no segments and forces only the diagonal block.
         scorer: importance pass implementation. ``"auto"``: the Triton kernel on CUDA when
             Triton is importable, the PyTorch path otherwise; ``"triton"`` or ``"torch"`` force one.
+        max_shrink: head guard (beyond the paper; ``None``, the default, is the published
+            algorithm: every head permutes). A float in [0, 1): the selection is made on both the
+            importance order and the original order, and a permutation row keeps the importance
+            order only if its query heads select at least ``(1 - max_shrink)`` times the tiles of
+            the original order; other rows run on the original order (see
+            :mod:`flexpbs.head_guard`). Costs a second selection and a second K/V gather. Only with
+            ``permutation="segment"``.
+        exact_last_block: (beyond the paper; ``False``, the default, is the published
+            algorithm) the last query block also keeps the smallest set of earlier-segment key
+            blocks, in descending EXACT attention mass of the last ``block_size`` queries (known
+            from the importance pass, which then also runs for ``permutation="none"``), whose
+            share reaches ``threshold`` (see :mod:`flexpbs.last_block`). Adds tiles, never removes any.
     """
 
     block_size: int = 128
@@ -55,6 +67,8 @@ class PBSConfig:
     min_seq_len: int | None = None
     scorer: Scorer = "auto"
     permutation: Permutation = "segment"
+    max_shrink: float | None = None
+    exact_last_block: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -81,6 +95,17 @@ class PBSConfig:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.max_shrink is not None:
+            if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)):
+                raise TypeError(f"max_shrink must be a float or None, got {type(self.max_shrink).__name__}")
+            if not 0.0 <= self.max_shrink < 1.0:  # also rejects NaN
+                raise ValueError(f"max_shrink must be in [0, 1) or None, got {self.max_shrink}")
+            if self.permutation != "segment":
+                raise ValueError(
+                    f"max_shrink needs permutation='segment', got permutation={self.permutation!r}"
+                )
+        if not isinstance(self.exact_last_block, bool):
+            raise TypeError(f"exact_last_block must be a bool, got {type(self.exact_last_block).__name__}")
 
     @classmethod
     def resolve(cls, config: PBSConfig | None, options: Mapping[str, Any]) -> PBSConfig:
@@ -118,6 +143,9 @@ class PBSStats:
         density: ``[B, Hq]`` float32, computed tiles / (nb * (nb + 1) / 2).
         dense: True when the call ran dense causal attention (short input).
         scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when none ran).
+        sorted_rows: ``[B, Hp]`` bool, which permutation rows use the importance order (all with
+            ``permutation="segment"`` and no ``max_shrink``; none for ``"none"``); ``None`` when
+            the call ran dense.
     """
 
     block_mask: torch.Tensor
@@ -125,3 +153,4 @@ class PBSStats:
     density: torch.Tensor
     dense: bool
     scorer: str | None = None
+    sorted_rows: torch.Tensor | None = None

@@ -20,7 +20,7 @@ class PBSAttention(nn.Module):
     Args:
         config: a :class:`PBSConfig`; ``None`` builds one from ``options``.
         **options: :class:`PBSConfig` fields (``block_size``, ``segment_size``, ``threshold``,
-            ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``); not together with
+            ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``, ``max_shrink``); not together with
             ``config``.
 
     ``forward(query [B, Hq, N, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv]) -> [B, Hq, N, Dv]``

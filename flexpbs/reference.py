@@ -6,6 +6,8 @@ and a token-level [N, N] mask. Use it only on small inputs.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from flexpbs.config import PBSConfig
@@ -128,6 +130,53 @@ def selection(
     return tiles
 
 
+def last_block(
+    importance_rows: torch.Tensor, perm: torch.Tensor, config: PBSConfig
+) -> torch.Tensor:
+    """``[B, Hp, nb]`` bool: blocks the last query block keeps by exact mass, one row at a time."""
+    batch, heads, _ = importance_rows.shape
+    n = perm.shape[-1]
+    bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
+    n_blocks = -(-n // bs)
+    last_segment = (n_blocks - 1) // blocks_per_segment
+    out = torch.zeros(batch, heads, n_blocks, dtype=torch.bool)
+    candidates = [j for j in range(n_blocks) if j // blocks_per_segment < last_segment]
+    if not candidates:
+        return out
+    for b in range(batch):
+        for h in range(heads):
+            slots = perm[b, h].cpu()
+            imp = importance_rows[b, h].cpu().double()
+            mass = [float(imp[slots[j * bs : (j + 1) * bs]].sum()) for j in candidates]
+            total = sum(mass)
+            probs = [m / total if total > 0 else 0.0 for m in mass]
+            probs = torch.tensor(probs, dtype=torch.float64).float().tolist()
+            ranked = sorted(range(len(candidates)), key=lambda c: -probs[c])
+            acc = 0.0
+            for c in ranked:
+                if config.threshold < 1.0 and acc >= config.threshold:
+                    break
+                out[b, h, candidates[c]] = True
+                acc += probs[c]
+    return out
+
+
+def guard(
+    tiles_sorted: torch.Tensor, tiles_original: torch.Tensor, perm_heads: int, max_shrink: float
+) -> torch.Tensor:
+    """``[B, Hp]`` bool: row keeps the importance order (tile counts of its query heads, one row at a time)."""
+    batch, q_heads = tiles_sorted.shape[:2]
+    group = q_heads // perm_heads
+    keep = torch.zeros(batch, perm_heads, dtype=torch.bool)
+    for b in range(batch):
+        for row in range(perm_heads):
+            heads = range(row * group, (row + 1) * group)
+            n_sorted = sum(int(tiles_sorted[b, h].sum()) for h in heads)
+            n_original = sum(int(tiles_original[b, h].sum()) for h in heads)
+            keep[b, row] = n_sorted >= (1.0 - max_shrink) * n_original
+    return keep
+
+
 def pbs_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PBSConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +184,7 @@ def pbs_attention(
 
     Args:
         query: ``[B, Hq, N, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
-        config: options (defaults if None); ``min_seq_len`` is ignored.
+        config: options (defaults if None); ``min_seq_len`` and ``scorer`` are ignored.
 
     Returns:
         ``(out [B, Hq, N, Dv] float32 CPU, tiles [B, Hq, nb, nb] bool, perm [B, Hp, N] int64)``.
@@ -149,8 +198,27 @@ def pbs_attention(
         n_blocks = -(-n // config.block_size)
         tiles = torch.ones(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool).tril()
         perm = torch.arange(n).repeat(batch, perm_heads, 1)
-    else:
-        perm = permutation(importance(query, key, config), n, config.segment_size)
+    elif config.permutation == "none":
+        perm = torch.arange(n).repeat(batch, key.shape[1], 1)
         tiles = selection(query, key, perm, config)
+        scores = importance(query, key, replace(config, gqa="shared"))  # one row per KV head
+    else:
+        scores = importance(query, key, config)
+        perm = permutation(scores, n, config.segment_size)
+        tiles = selection(query, key, perm, config)
+        if config.max_shrink is not None:
+            original = torch.arange(n).repeat(batch, perm_heads, 1)
+            tiles_original = selection(query, key, original, config)
+            keep = guard(tiles, tiles_original, perm_heads, config.max_shrink)
+            group = q_heads // perm_heads
+            for b in range(batch):
+                for row in range(perm_heads):
+                    if not keep[b, row]:
+                        perm[b, row] = original[b, row]
+                        heads = slice(row * group, (row + 1) * group)
+                        tiles[b, heads] = tiles_original[b, heads]
+    if n > config.segment_size and config.exact_last_block:
+        rows = last_block(scores, perm, config)
+        tiles[:, :, -1] |= rows.repeat_interleave(q_heads // perm.shape[1], dim=1)
     out = masked_attention(query, key, value, token_mask(tiles, perm, config.block_size), scale)
     return out, tiles, perm

@@ -25,6 +25,12 @@ from flexpbs import PBSConfig
         (dict(scale="1"), TypeError, "scale"),
         (dict(min_seq_len=-1), ValueError, "min_seq_len"),
         (dict(permutation="random"), ValueError, "permutation"),
+        (dict(max_shrink=1.0), ValueError, "max_shrink"),
+        (dict(max_shrink=-0.1), ValueError, "max_shrink"),
+        (dict(max_shrink=math.nan), ValueError, "max_shrink"),
+        (dict(max_shrink="0.1"), TypeError, "max_shrink"),
+        (dict(max_shrink=True), TypeError, "max_shrink"),
+        (dict(max_shrink=0.1, permutation="none"), ValueError, "max_shrink"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, error, name):
