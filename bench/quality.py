@@ -45,32 +45,41 @@ class Method:
 
     @property
     def family(self) -> str:
-        if self.config is None:
+        cfg = self.config
+        if cfg is None:
             return "dense"
-        if self.config.permutation == "none":
-            return f"no permutation, segment {self.config.segment_size}"
-        if self.config.max_shrink is not None:
-            return f"PBS + head guard {self.config.max_shrink}, segment {self.config.segment_size}"
-        return f"PBS, segment {self.config.segment_size}"
+        name = "no permutation" if cfg.permutation == "none" else "PBS"
+        if cfg.max_shrink is not None:
+            name += f" + head guard {cfg.max_shrink}"
+        if cfg.exact_last_block:
+            name += " + exact last block"
+        return f"{name}, segment {cfg.segment_size}"
 
 
-FAMILIES = ("dense", "PBS", "noperm", "guard")
+# Method families beyond dense: label prefix -> PBSConfig options ("{ms}": the --max-shrink value).
+FAMILY_OPTIONS: dict[str, dict] = {
+    "PBS": {},
+    "noperm": {"permutation": "none"},
+    "guard": {"max_shrink": "{ms}"},
+    "PBS+last": {"exact_last_block": True},
+    "noperm+last": {"permutation": "none", "exact_last_block": True},
+    "guard+last": {"max_shrink": "{ms}", "exact_last_block": True},
+}
+FAMILIES = ("dense", *FAMILY_OPTIONS)
 
 
-def methods(thresholds: list[float], segments: list[int], families=FAMILIES[:3], max_shrink=0.1) -> list[Method]:
-    """Dense first (when asked), then per segment: PBS, no permutation, PBS with the head guard."""
+def methods(thresholds: list[float], segments: list[int], families=("dense", "PBS", "noperm"),
+            max_shrink=0.1) -> list[Method]:
+    """Dense first (when asked), then per segment and family, one method per threshold."""
     out = [Method("dense", None)] if "dense" in families else []
     for seg in segments:
-        for name in ("PBS", "noperm", "guard"):
+        for name, options in FAMILY_OPTIONS.items():
             if name not in families:
                 continue
+            options = {k: max_shrink if v == "{ms}" else v for k, v in options.items()}
+            prefix = name.replace("guard", f"guard{max_shrink}")
             for thr in thresholds:
-                if name == "guard":
-                    cfg = PBSConfig(threshold=thr, segment_size=seg, max_shrink=max_shrink)
-                    out.append(Method(f"guard{max_shrink}-s{seg}-t{thr}", cfg))
-                else:
-                    cfg = PBSConfig(threshold=thr, segment_size=seg, permutation="segment" if name == "PBS" else "none")
-                    out.append(Method(f"{name}-s{seg}-t{thr}", cfg))
+                out.append(Method(f"{prefix}-s{seg}-t{thr}", PBSConfig(threshold=thr, segment_size=seg, **options)))
     return out
 
 
@@ -227,9 +236,9 @@ def main() -> None:
     parser.add_argument("--no-passkey", action="store_true")
     parser.add_argument("--no-passkey-dense", dest="passkey_dense", action="store_false",
                         help="skip the dense passkey baseline (when another run has it)")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]),
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=["dense", "PBS", "noperm"],
                         help="methods to run; without dense there is no per-layer analysis")
-    parser.add_argument("--max-shrink", type=float, default=0.1, help="head guard of the 'guard' family")
+    parser.add_argument("--max-shrink", type=float, default=0.1, help="head guard of the 'guard' families")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/quality_out"))
     args = parser.parse_args()

@@ -31,6 +31,7 @@ from flexpbs import PBSConfig
         (dict(max_shrink="0.1"), TypeError, "max_shrink"),
         (dict(max_shrink=True), TypeError, "max_shrink"),
         (dict(max_shrink=0.1, permutation="none"), ValueError, "max_shrink"),
+        (dict(exact_last_block=1), TypeError, "exact_last_block"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, error, name):
