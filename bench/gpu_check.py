@@ -1,6 +1,7 @@
 """GPU correctness check and per-stage timing of flexpbs (one call on the device machine).
 
     python bench/gpu_check.py --lengths 32768 131072
+    python bench/gpu_check.py --skip-checks --modes --lengths 32768 131072   # options beyond the paper
 
 Correctness: threshold=1.0 vs dense SDPA, sparse thresholds vs flexpbs.reference (small N), eager vs
 compiled flex; then, per length, the time of each stage, flexpbs end to end and the dense baselines
@@ -101,6 +102,31 @@ def time_length(n: int, args) -> dict:
     return row
 
 
+# Options beyond the paper, timed end to end against the published algorithm (--modes).
+MODES: dict[str, dict] = {
+    "published": {},
+    "no permutation": {"permutation": "none"},
+    "head guard 0.1": {"max_shrink": 0.1},
+    "exact last block": {"exact_last_block": True},
+    "head guard 0.1 + exact last block": {"max_shrink": 0.1, "exact_last_block": True},
+    "no permutation + exact last block": {"permutation": "none", "exact_last_block": True},
+}
+
+
+def time_modes(n: int, args) -> list[dict]:
+    """flexpbs.attention end to end per mode, same inputs: time, density, share of sorted heads."""
+    q, k, v = llm_like_qkv(1, args.q_heads, args.kv_heads, n, args.head_dim, torch.bfloat16, DEV, seed=0)
+    rows = []
+    for name, options in MODES.items():
+        cfg = PBSConfig(threshold=args.threshold, **options)
+        _, st = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+        rows.append({"n": n, "mode": name, "density": st.density.mean().item(),
+                     "sorted_heads": st.sorted_rows.float().mean().item(),
+                     "total": ms(lambda: flexpbs.attention(q, k, v, config=cfg))})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -109,10 +135,20 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--modes", action="store_true",
+                        help="only time flexpbs.attention per option set of MODES (beyond the paper)")
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name())
     if not args.skip_checks:
         check_correctness()
+    if args.modes:
+        rows = [row for n in args.lengths for row in time_modes(n, args)]
+        print("\n| N | mode | density | sorted heads | flexpbs total ms | vs published |\n|---|---|---|---|---|---|")
+        for r in rows:
+            base = next(x["total"] for x in rows if x["n"] == r["n"] and x["mode"] == "published")
+            print(f"| {r['n']} | {r['mode']} | {r['density']:.3f} | {r['sorted_heads']:.2f} | {r['total']:.3f} "
+                  f"| {r['total'] / base:.2f}x |")
+        return
     rows = []
     for n in args.lengths:
         rows.append(time_length(n, args))

@@ -24,12 +24,22 @@ import flexpbs  # noqa: E402
 from flexpbs import plot  # noqa: E402
 
 
-def load(paths: list[Path]) -> dict:
+def load(paths: list[Path], segment: int | None = None) -> dict:
+    """Merge results files; with ``segment``, keep dense and the methods of that segment size only."""
     merged: dict = {"perplexity": [], "passkey": [], "layers": [], "texts": {}, "sources": []}
+
+    def keep(row: dict) -> bool:
+        if segment is None:
+            return True
+        family = row.get("family")
+        if family is not None:
+            return family == "dense" or family.endswith(f"segment {segment}")
+        return f"-s{segment}-" in row["method"]  # per-layer rows carry the method label only
+
     for p in paths:
         r = json.loads(p.read_text())
         for key in ("perplexity", "passkey", "layers"):
-            merged[key] += r[key]
+            merged[key] += [row for row in r[key] if keep(row)]
         merged["texts"].update(r["texts"])
         merged["sources"].append(str(p))
     return merged
@@ -93,7 +103,7 @@ def per_head_effect(r: dict, tol: float = 0.005) -> str:
     return "\n".join(out)
 
 
-def tradeoff_plots(r: dict, out: Path) -> None:
+def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
     groups = defaultdict(list)
     for row in r["perplexity"]:
         groups[(row["n"], row["text"])].append(row)
@@ -107,11 +117,11 @@ def tradeoff_plots(r: dict, out: Path) -> None:
                     points[x["family"]].append((x["density"], x[key]))
             plot.tradeoff(points, ylabel=label, baseline=dense[key], ax=ax, title=f"{text}, {n} tokens")
         fig.tight_layout()
-        fig.savefig(out / f"tradeoff_{text}_{n}.png", dpi=110)
+        fig.savefig(out / f"{prefix}tradeoff_{text}_{n}.png", dpi=110)
         plt.close(fig)
 
 
-def passkey_plot(r: dict, out: Path) -> None:
+def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
     groups = defaultdict(list)
     for row in r["passkey"]:
         groups[row["n"]].append(row)
@@ -126,7 +136,7 @@ def passkey_plot(r: dict, out: Path) -> None:
         plot.tradeoff(points, ylabel=f"passkey accuracy ({trials} trials)", baseline=dense, ax=ax,
                       title=f"passkey, {n} tokens")
         fig.tight_layout()
-        fig.savefig(out / f"passkey_{n}.png", dpi=110)
+        fig.savefig(out / f"{prefix}passkey_{n}.png", dpi=110)
         plt.close(fig)
 
 
@@ -172,12 +182,15 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("bench/quality_plots"))
     parser.add_argument("--picture", nargs=3, metavar=("QKV_PT", "LAYER", "HEAD"))
+    parser.add_argument("--segment", type=int, help="only dense and the methods of this segment size")
+    parser.add_argument("--prefix", default="", help="prefix of the plot file names")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    r = load(args.results)
-    tradeoff_plots(r, args.out)
-    passkey_plot(r, args.out)
-    layer_density_plot(r, args.out)
+    r = load(args.results, args.segment)
+    tradeoff_plots(r, args.out, args.prefix)
+    passkey_plot(r, args.out, args.prefix)
+    if r["layers"]:
+        layer_density_plot(r, args.out)
     if args.picture:
         mask_picture(Path(args.picture[0]), args.out, int(args.picture[1]), int(args.picture[2]))
     print("## Perplexity\n" + perplexity_tables(r))
