@@ -189,7 +189,7 @@ def main() -> None:
     r = load(args.results, args.segment)
     tradeoff_plots(r, args.out, args.prefix)
     passkey_plot(r, args.out, args.prefix)
-    if r["layers"]:
+    if r["layers"] and args.segment is None:  # the per-layer plots compare both segment sizes
         layer_density_plot(r, args.out)
     if args.picture:
         mask_picture(Path(args.picture[0]), args.out, int(args.picture[1]), int(args.picture[2]))
