@@ -40,6 +40,7 @@ def sparse_attention(
     *,
     block_size: int,
     scale: float,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Attention of original-order queries over permuted keys, on the selected tiles only.
 
@@ -48,6 +49,8 @@ def sparse_attention(
         key_p: ``[B, Hp, N, D]`` and value_p ``[B, Hp, N, Dv]`` in permuted order, Hq a multiple of Hp.
         tiles: ``[B, Hq, nb, nb]`` bool (query block, permuted key block) to compute.
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
+        kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
+            value compiles its own kernel.
 
     Returns:
         ``[B, Hq, N, Dv]`` in ``query.dtype``.
@@ -69,5 +72,6 @@ def sparse_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key_p.shape[1] != query.shape[1],
+            kernel_options=kernel_options,
         )
     return out[:, :, :n] if pad else out
