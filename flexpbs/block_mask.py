@@ -35,10 +35,17 @@ def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _m
 
 
 def _ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[..., nb]`` bool rows -> (counts ``[...]``, indices ``[..., nb]``) int32, selected first."""
-    counts = dense.sum(dim=-1, dtype=torch.int32)
-    order = torch.argsort(dense.to(torch.uint8), dim=-1, descending=True, stable=True)
-    return counts.contiguous(), order.to(torch.int32).contiguous()
+    """Dense ``[..., nb]`` bool rows -> (counts ``[...]``, indices ``[..., nb]``) int32.
+
+    The first ``count`` indices of a row are its selected blocks in ascending order; the slots after
+    them (never read by the kernel) are 0. A cumsum and a scatter: several times cheaper than an argsort.
+    """
+    n_blocks = dense.shape[-1]
+    slot = torch.where(dense, dense.cumsum(dim=-1) - 1, n_blocks)  # unselected -> a spill column
+    blocks = torch.arange(n_blocks, dtype=torch.int32, device=dense.device).expand(dense.shape)
+    order = torch.zeros(*dense.shape[:-1], n_blocks + 1, dtype=torch.int32, device=dense.device)
+    order.scatter_(-1, slot, blocks)
+    return dense.sum(dim=-1, dtype=torch.int32), order[..., :n_blocks].contiguous()
 
 
 def build_block_mask(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> BlockMask:
