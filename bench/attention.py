@@ -11,7 +11,7 @@ backends, dense causal), ``pbs_attn`` (the original implementation, when ``pbs_a
 Times are medians of CUDA-event timings after warm-up (``triton.testing.do_bench``). Per method and
 length: time, speedups vs cuDNN and FA2, density, TFLOP/s on computed tiles (4 * BS^2 * D flops per
 computed tile and head; dense methods count the nb(nb+1)/2 causal tiles), peak memory beyond the
-inputs, max abs error vs dense float32 attention on sampled rows. ``--densities`` times the attention
+inputs, max abs and relative L2 error vs dense float32 attention on sampled rows. ``--densities`` times the attention
 stage alone on random tile sets of fixed density (time against density). Writes JSON and PNG plots
 to ``--out`` and prints markdown tables last.
 """
@@ -126,15 +126,18 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
     def record(method: str, fn, density: float, extra: dict | None = None) -> None:
         try:
             out = fn()
-            err = (out[:, :, rows].float() - want).abs().max().item()
-            del out
+            got = out[:, :, rows].float()
+            err = (got - want).abs().max().item()
+            rel = ((got - want).norm() / want.norm()).item()
+            del out, got
             t = ms(fn)
             mem = peak_extra_gib(fn)
         except torch.OutOfMemoryError:
             print(f"{label} N={n} {method}: out of memory, skipped", flush=True)
             torch.cuda.empty_cache()
             return
-        r = dict(workload=label, n=n, method=method, ms=t, density=density, max_err=err, peak_extra_gib=mem,
+        r = dict(workload=label, n=n, method=method, ms=t, density=density, max_err=err, rel_err=rel,
+                 peak_extra_gib=mem,
                  tflops=tflops(density * causal_tiles, hq, b, 128, d, t), **(extra or {}))
         results.append(r)
         print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in r.items()}, flush=True)
@@ -231,13 +234,14 @@ def plot(results: list[dict], fixed: list[dict], out: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| workload | N | method | ms | vs cuDNN | vs FA2 | density | TFLOP/s | peak extra GiB | max err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | N | method | ms | vs cuDNN | vs FA2 | density | TFLOP/s | peak extra GiB | max err | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = {m["method"]: m["ms"] for m in results if m["n"] == r["n"] and m["workload"] == r["workload"]}
         vs = lambda m: f"{base[m] / r['ms']:.2f}x" if m in base else "-"  # noqa: E731
         lines.append(f"| {r['workload']} | {r['n']} | {r['method']} | {r['ms']:.2f} | {vs('cudnn')} | {vs('fa2')} | "
-                     f"{r['density']:.3f} | {r['tflops']:.0f} | {r['peak_extra_gib']:.2f} | {r['max_err']:.1e} |")
+                     f"{r['density']:.3f} | {r['tflops']:.0f} | {r['peak_extra_gib']:.2f} | {r['max_err']:.1e} | "
+                     f"{r['rel_err']:.1e} |")
     stage_rows = [r for r in results if "stages" in r]
     if stage_rows:
         names = ["importance", "permute", "select", "mask", "attn"]

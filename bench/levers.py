@@ -98,7 +98,6 @@ def main() -> None:
             traceback.print_exc()
             rows.append((n, "flexpbs in a CUDA graph", float("nan"), f"capture failed: {type(e).__name__}: {e}"[:200]))
         print(rows[-1], flush=True)
-        del q, k, v, k_p, v_p, ref
         torch.cuda.empty_cache()
 
     print("\n| N | lever | ms | note |\n|---|---|---|---|")
