@@ -111,7 +111,7 @@ def _pbs_attention(
             return out
         return out, _dense_stats(batch, q_heads, perm_heads, seq_len, cfg.block_size, query.device)
 
-    heads_per_chunk = _kv_heads_per_chunk(query, key, value, cfg.block_size)
+    heads_per_chunk = _kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
     if heads_per_chunk == kv_heads:
         out, tiles, perm = _pbs_heads(query, key, value, cfg, scorer_used, softmax_scale)
     else:
@@ -205,7 +205,7 @@ def _pbs_heads(
 
 
 def _kv_heads_per_chunk(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, per_query_head: bool
 ) -> int:
     """KV heads the pipeline processes together: all of them, unless the extra memory they need
     (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
@@ -213,7 +213,8 @@ def _kv_heads_per_chunk(
     batch, q_heads, seq_len, _ = query.shape
     kv_heads, group = key.shape[1], q_heads // key.shape[1]
     n_blocks = -(-seq_len // block_size)
-    kv_copy = (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
+    copies = group if per_query_head else 1  # gqa="per_head" gathers K/V once per query head
+    kv_copy = copies * (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
     tables = group * batch * n_blocks * n_blocks * _TABLE_BYTES_PER_TILE
     out_chunk = group * value[:, :1].numel() * value.element_size()
     inputs = sum(x.numel() * x.element_size() for x in (query, key, value))

@@ -180,7 +180,7 @@ def test_head_chunks_bounding_memory_give_the_same_result(gqa):
     whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(api, "_MIN_CHUNK_BYTES", 0)  # budget = 25% of q/k/v: forces chunks of KV heads
-        assert api._kv_heads_per_chunk(q, k, v, 64) < case.kv_heads
+        assert api._kv_heads_per_chunk(q, k, v, 64, gqa == "per_head") < case.kv_heads
         chunked, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
         assert torch.equal(chunked, flexpbs.attention(q, k, v, config=cfg))
     assert torch.equal(stats.block_mask, whole_stats.block_mask)
