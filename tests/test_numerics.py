@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 import flexpbs
 from flexpbs import PBSConfig, reference
-from flexpbs.permutation import block_position_bounds, permute_kv
-from flexpbs.selection import forced_tiles
+from bench.checks import check_stats, finite_tile_rows
 from tests.helpers import Case, make_qkv
 from tests.test_attention import assert_same_permutation_up_to_ties
 
@@ -145,41 +144,6 @@ def test_same_inputs_give_identical_bits():
 # --- Non-finite inputs: the documented contract ----------------------------------------------------
 
 
-def clean_rows(q, k, v, stats, block_size):
-    """``[B, Hq, N]`` bool: the query is finite and every key and value in its computed tiles is finite.
-
-    Tile granularity, not token granularity: inside a computed tile a masked-out NaN value still
-    meets a zero probability in the P @ V product, and 0 * NaN is NaN.
-    """
-    batch, q_heads, n, _ = q.shape
-    k_p, v_p = permute_kv(k, v, stats.permutation)
-    bad_slot = ~(k_p.isfinite().all(-1) & v_p.isfinite().all(-1))  # [B, Hp, N]
-    pad = -n % block_size
-    bad_block = F.pad(bad_slot, (0, pad)).unflatten(-1, (-1, block_size)).any(-1)  # [B, Hp, nb]
-    bad_block = bad_block.repeat_interleave(q_heads // bad_block.shape[1], dim=1)
-    bad_qblock = (stats.block_mask & bad_block[:, :, None, :]).any(-1)  # [B, Hq, nb]
-    bad_row = bad_qblock.repeat_interleave(block_size, dim=-1)[..., :n]
-    return q.isfinite().all(-1) & ~bad_row
-
-
-def assert_valid_stats(stats, n, cfg):
-    """Whatever the values: each segment's permutation is a bijection, the forced tiles are present
-    and no tile lies wholly in the future (so every row has a key and no index is out of range)."""
-    perm = stats.permutation
-    n_complete = n // cfg.segment_size * cfg.segment_size
-    segs = perm[..., :n_complete].unflatten(-1, (-1, cfg.segment_size))
-    starts = torch.arange(0, n_complete, cfg.segment_size).view(-1, 1)
-    assert torch.equal(segs.sort(-1).values, (starts + torch.arange(cfg.segment_size)).expand_as(segs))
-    assert torch.equal(perm[..., n_complete:], torch.arange(n_complete, n).expand(*perm.shape[:2], -1))
-    forced = forced_tiles(perm, cfg.block_size, cfg.segment_size)
-    forced = forced.repeat_interleave(stats.block_mask.shape[1] // forced.shape[1], dim=1)
-    assert not (forced & ~stats.block_mask).any()
-    first_pos, _ = block_position_bounds(perm, cfg.block_size)
-    b, h, i, j = stats.block_mask.nonzero().unbind(-1)
-    group = stats.block_mask.shape[1] // perm.shape[1]
-    assert (first_pos[b, h // group, j] <= ((i + 1) * cfg.block_size).clamp_max(n) - 1).all()
-
-
 @settings(max_examples=10)
 @given(
     target=st.sampled_from(["query", "key", "value"]),
@@ -204,8 +168,8 @@ def test_non_finite_input_contract(target, bad, position, kv_head, gqa, seed):
     out, stats = flexpbs.attention(q2, k2, v2, config=cfg, return_stats=True)
 
     assert out.shape == q.shape
-    assert_valid_stats(stats, n, cfg)
-    ok = clean_rows(q2, k2, v2, stats, cfg.block_size)
+    check_stats(stats, n, cfg)
+    ok = finite_tile_rows(q2, k2, v2, stats, cfg.block_size)
     mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
     want = reference.masked_attention(q2.nan_to_num(0, 0, 0), k2.nan_to_num(0, 0, 0), v2.nan_to_num(0, 0, 0), mask, 64**-0.5)
     torch.testing.assert_close(out[ok], want[ok], rtol=0, atol=3e-5)
