@@ -265,7 +265,7 @@ def main() -> None:
                         choices=["memory", "int32", "determinism", "numerics"])
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[32768, 131072, 524288])
     parser.add_argument("--int32-shapes", type=lambda s: tuple(int(x) for x in s.split(",")), nargs="+",
-                        default=[(1, 32, 8, 524288, 128), (1, 32, 8, 1048576, 128)],
+                        default=[(1, 32, 8, 524288, 128), (1, 32, 8, 786432, 128), (1, 32, 8, 1048576, 128)],
                         help="B,Hq,Hkv,N,D tuples; q with >= 2^31 elements tests 64-bit offsets")
     parser.add_argument("--small-n", type=int, default=4096)
     parser.add_argument("--det-n", type=int, default=131072)
