@@ -3,14 +3,14 @@
     PYTHONPATH=$PWD python bench/stress.py --seconds 300          # GPU
     PYTHONPATH=$PWD python bench/stress.py --cpu-smoke --seconds 60
 
-Each case draws batch, heads (GQA groups), length (including lengths that are not multiples of the
-block or a bucket), head dim 64/128, dtype, threshold, GQA mode and block/segment sizes, runs
+Each case draws batch, heads (GQA groups), length (inside a few length buckets, including lengths that
+are not multiples of the block), head dim 64/128, dtype, threshold, GQA mode and block/segment sizes, runs
 ``flexpbs.attention`` with stats and checks: finite output, valid stats (bijective segment
 permutation, forced tiles, nothing wholly in the future, density), sampled rows against float32
 attention over the reported tiles, and, when N and the head count are small, the permutation and
-selection against ``flexpbs.reference``. Shapes come from a small menu of head layouts so that compiled
-graphs are reused; lengths vary freely. Stops starting new cases after ``--seconds``; prints every
-case, then a coverage summary and a markdown table.
+selection against ``flexpbs.reference``. Head layouts and length buckets come from small menus so that
+compiled graphs are reused (each new graph compiles for seconds). Stops starting new cases after
+``--seconds``; prints every case, then a coverage summary and a markdown table.
 """
 
 from __future__ import annotations
@@ -34,25 +34,29 @@ from flexpbs import PBSConfig  # noqa: E402
 HEAD_LAYOUTS = [(8, 2), (32, 8), (8, 8), (16, 2)]
 
 
-def draw_case(rng: random.Random, max_n: int, small: bool) -> dict:
+def draw_case(rng: random.Random, buckets: list[int], small: bool) -> dict:
+    """A random case. N is drawn inside one of a few length buckets (N in (L - L/16, L] shares L's
+    compiled graph, see flexpbs.sparse_attention.bucket_length), so most cases reuse a graph."""
     block = rng.choice([64, 128])
     segment = block * rng.choice([1, 2, 4])
     hq, hkv = rng.choice(HEAD_LAYOUTS[:2] if small else HEAD_LAYOUTS)
     if small:
         hq, hkv = hq // 4 or 1, max(1, hkv // 4)
-    kind = rng.choice(["any", "block multiple", "block multiple + 1", "power of two"])
-    n = rng.randint(segment + 1, max_n)
+    bucket = rng.choice(buckets)
+    n = rng.randint(bucket - bucket // 16 + 1, bucket)
+    kind = rng.choice(["any", "block multiple", "block multiple + 1", "bucket length"])
     if kind == "block multiple":
-        n = max(segment + block, n // block * block)
+        n = n // block * block
     elif kind == "block multiple + 1":
-        n = max(segment + block, n // block * block) + 1
-    elif kind == "power of two":
-        n = max(segment * 2, 1 << (n.bit_length() - 1))
+        n = min(n // block * block + 1, bucket)
+    elif kind == "bucket length":
+        n = bucket
     return dict(
-        batch=rng.choice([1, 1, 2]), q_heads=hq, kv_heads=hkv, n=min(n, max_n), kind=kind,
+        batch=rng.choice([1, 1, 2]), q_heads=hq, kv_heads=hkv, n=max(n, segment + 1), kind=kind,
         head_dim=rng.choice([64, 128]), dtype=rng.choice([torch.bfloat16, torch.float16, torch.float32]),
-        threshold=1.0 if rng.random() < 0.2 else round(rng.uniform(0.05, 0.99), 3), gqa=rng.choice(["shared", "per_head"]),
-        block=block, segment=segment, magnitude=rng.choice([1.0, 1.0, 30.0]), seed=rng.randrange(2**31),
+        threshold=1.0 if rng.random() < 0.2 else round(rng.uniform(0.05, 0.99), 3),
+        gqa=rng.choice(["shared", "per_head"]), block=block, segment=segment,
+        magnitude=rng.choice([1.0, 1.0, 30.0]), seed=rng.randrange(2**31),
     )
 
 
@@ -81,22 +85,23 @@ def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
 
 
 def length_range(n: int) -> str:
-    for top, label in [(1024, "<=1K"), (8192, "1K-8K"), (32768, "8K-32K"), (131072, "32K-128K")]:
+    for top, label in [(1024, "<=1K"), (4096, "1K-4K"), (16384, "4K-16K"), (65536, "16K-64K")]:
         if n <= top:
             return label
-    return ">128K"
+    return ">64K"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=300.0, help="start no new case after this long")
-    parser.add_argument("--max-n", type=int, default=65536)
+    parser.add_argument("--buckets", type=int, nargs="+", default=[1024, 2048, 4096, 12288, 32768, 65536],
+                        help="length buckets N is drawn from (each N in (L - L/16, L])")
     parser.add_argument("--reference-n", type=int, default=4096, help="check selection vs flexpbs.reference up to this N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
     args = parser.parse_args()
     dev = torch.device("cpu" if args.cpu_smoke else "cuda")
-    max_n = min(args.max_n, 1536) if args.cpu_smoke else args.max_n
+    buckets = [768, 1024, 1536] if args.cpu_smoke else args.buckets
     rng = random.Random(args.seed)
     print(torch.__version__, "cpu smoke" if args.cpu_smoke else torch.cuda.get_device_name())
     start = time.perf_counter()
@@ -106,7 +111,7 @@ def main() -> None:
     passed, failed, with_reference, rows, worst = 0, [], 0, 0, 0.0
     with torch.inference_mode():
         while time.perf_counter() - start < args.seconds:
-            case = draw_case(rng, max_n, args.cpu_smoke)
+            case = draw_case(rng, buckets, args.cpu_smoke)
             label = (f"B={case['batch']} Hq={case['q_heads']} Hkv={case['kv_heads']} N={case['n']} D={case['head_dim']} "
                      f"{str(case['dtype'])[6:]} thr={case['threshold']} {case['gqa']} block={case['block']} "
                      f"segment={case['segment']} x{case['magnitude']:g}")

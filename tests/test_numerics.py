@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import flexpbs
 from flexpbs import PBSConfig, reference
-from bench.checks import check_stats, finite_tile_rows
+from bench.checks import check_rows, check_stats, finite_tile_rows, reference_rows, sample_rows
 from tests.helpers import Case, make_qkv
 from tests.test_attention import assert_same_permutation_up_to_ties
 
@@ -179,3 +179,22 @@ def test_non_finite_input_contract(target, bad, position, kv_head, gqa, seed):
     assert torch.equal(stats.block_mask[:, other], clean_stats.block_mask[:, other])
     perm_other = other if gqa == "per_head" else slice(1 - kv_head, 2 - kv_head)
     assert torch.equal(stats.permutation[:, perm_other], clean_stats.permutation[:, perm_other])
+
+
+def test_sampled_row_oracle_of_the_gpu_scripts_agrees_with_the_dense_oracle():
+    """bench/checks.py checks 512K-token outputs on sampled rows; here it meets flexpbs.reference."""
+    case = Case(2, 2, 2, 1000, 64, 128, 256, seed=11, sharpness=2.0)
+    q, k, v = make_qkv(case)
+    cfg = PBSConfig(threshold=0.6, gqa="per_head")
+    out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
+    dense = reference.masked_attention(q, k, v, mask, 64**-0.5)
+    rows = sample_rows(1000, cfg.block_size, cfg.segment_size)
+    for b, h in [(0, 0), (1, 3)]:
+        want, tol = reference_rows(q, k, v, stats.block_mask, stats.permutation, cfg.block_size, 64**-0.5, b, h, rows)
+        torch.testing.assert_close(want, dense[b, h, rows], rtol=0, atol=1e-5)
+        assert (tol > 0).all()
+    assert check_rows(q, k, v, out, stats, cfg, [(0, 0), (1, 3)], rows)["bad"] == 0
+    wrong = out.clone()
+    wrong[1, 3, rows[5]] += 1e-3  # one sampled row off by more than the float32 tolerance
+    assert check_rows(q, k, v, wrong, stats, cfg, [(0, 0), (1, 3)], rows)["bad"] == 1
