@@ -15,13 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexpbs
+from bench.checks import (
+    FP32_EPS, REL_TOL, check_rows, check_stats, finite_tile_rows, reference_rows, sample_rows,
+)
 from flexpbs import PBSConfig, reference
-from bench.checks import check_rows, check_stats, finite_tile_rows, reference_rows, sample_rows
 from tests.helpers import Case, make_qkv
 from tests.test_attention import assert_same_permutation_up_to_ties
 
-REL_TOL = {torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-FP32_EPS = 2.0**-24
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 def stated_tolerance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
@@ -30,7 +31,6 @@ def stated_tolerance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float
     k_abs = k.float().abs().repeat_interleave(group, dim=1)
     logit_bound = (q.float().abs() @ k_abs.transpose(-1, -2)).max().item() * q.shape[-1] ** -0.5
     return v.float().abs().max().item() * (REL_TOL[q.dtype] + 4 * FP32_EPS * logit_bound)
-FP16_MAX = torch.finfo(torch.float16).max
 
 
 def shape(seq_len: int = 1000, seed: int = 0) -> Case:
@@ -170,6 +170,7 @@ def test_non_finite_input_contract(target, bad, position, kv_head, gqa, seed):
     assert out.shape == q.shape
     check_stats(stats, n, cfg)
     ok = finite_tile_rows(q2, k2, v2, stats, cfg.block_size)
+    assert ok[:, 2 - 2 * kv_head : 4 - 2 * kv_head].all()  # the other KV group is clean
     mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
     want = reference.masked_attention(q2.nan_to_num(0, 0, 0), k2.nan_to_num(0, 0, 0), v2.nan_to_num(0, 0, 0), mask, 64**-0.5)
     torch.testing.assert_close(out[ok], want[ok], rtol=0, atol=3e-5)
