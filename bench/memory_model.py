@@ -3,44 +3,109 @@
     PYTHONPATH=$PWD python bench/memory_model.py                       # B=1, Hq=32, Hkv=8, D=128, bf16
     PYTHONPATH=$PWD python bench/memory_model.py --lengths 131072 524288 --gqa per_head
 
-The stages run on meta tensors under a TorchDispatchMode that sees every tensor an op returns and,
-through weak references, when its storage dies: live bytes beyond q/k/v, their peak per stage and the
-largest tensors. This is what ``torch.cuda.max_memory_allocated`` would count, minus allocator rounding
-and the workspaces kernels take internally (e.g. the GPU radix sort's temporary storage). The
-importance row is the PyTorch path (the CPU fallback); the Triton kernel keeps O(N) (bench/RESULTS.md).
-FlexAttention cannot run on meta: its row is the output and log-sum-exp it allocates, plus the copies
-of q/k/v padded to the length bucket when N is not a bucket length.
+``flexpbs.attention`` itself runs on meta tensors (its head chunking included) under a TorchDispatchMode
+that sees every tensor an op returns and, through weak references, when its storage dies: live bytes
+beyond q/k/v, their peak per stage and the largest tensors. This is what ``torch.cuda.max_memory_allocated``
+would count, minus allocator rounding and the workspaces kernels take internally (e.g. the GPU radix
+sort's temporary storage). Two stand-ins for what cannot run on meta: the Triton importance kernel
+allocates its output and per-row statistics (``--importance torch`` runs the PyTorch path, the CPU
+fallback, instead), and compiled FlexAttention its output and log-sum-exp. :func:`stage_probe` also
+serves bench/robustness.py, which measures the same stages on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flexpbs.block_mask import build_block_mask
-from flexpbs.importance import key_importance
-from flexpbs.permutation import permute_kv, segment_permutation
-from flexpbs.selection import select_tiles
-from flexpbs.sparse_attention import bucket_length
+import flexpbs
+import flexpbs.api
+import flexpbs.sparse_attention
 
 GiB = 2**30
+# (module, function, stage label), in pipeline order; the block mask is built inside the attention stage.
+STAGES = [
+    (flexpbs.api, "key_importance", "importance"),
+    (flexpbs.api, "segment_permutation", "permutation"),
+    (flexpbs.api, "permute_kv", "gather K/V"),
+    (flexpbs.api, "select_tiles", "selection"),
+    (flexpbs.sparse_attention, "build_block_mask", "block mask"),
+    (flexpbs.api, "sparse_attention", "mask + attention"),
+]
+
+
+class StageProbe:
+    """Peak and live bytes (beyond the bytes live at construction) per stage, over every call of it
+    (head chunks), from three functions: current bytes, peak bytes since the last reset, reset.
+
+    Stages nest (the block mask is built inside the attention stage): each open stage keeps the largest
+    peak seen before an inner stage reset the counter, so every stage and the whole call see their peak.
+    """
+
+    def __init__(self, current: Callable[[], int], peak: Callable[[], int], reset: Callable[[], None]):
+        self.current, self.peak, self.reset = current, peak, reset
+        self.base = current()
+        self.stages: dict[str, dict] = {}
+        self._open = [0]  # running peak of the whole call, then of each open stage
+        self.reset()
+
+    def enter(self, label: str) -> None:
+        self._open[-1] = max(self._open[-1], self.peak())
+        self.reset()
+        self._open.append(0)
+
+    def exit(self, label: str) -> None:
+        peak = max(self._open.pop(), self.peak())
+        row = self.stages.setdefault(label, dict(peak=0, after=0, calls=0))
+        row["peak"] = max(row["peak"], peak - self.base)
+        row["after"] = self.current() - self.base
+        row["calls"] += 1
+        self._open[-1] = max(self._open[-1], peak)
+
+    def whole_call_peak(self) -> int:
+        """Peak bytes beyond the base over everything since construction."""
+        return max(self._open[0], self.peak()) - self.base
+
+
+@contextlib.contextmanager
+def stage_probe(probe: StageProbe) -> Iterator[StageProbe]:
+    """Run ``flexpbs.attention`` with each pipeline stage reporting to ``probe``."""
+
+    def wrap(fn, label):
+        @functools.wraps(fn)
+        def staged(*args, **kwargs):
+            probe.enter(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                probe.exit(label)
+
+        return staged
+
+    with contextlib.ExitStack() as stack:
+        for module, name, label in STAGES:
+            stack.enter_context(mock.patch.object(module, name, wrap(getattr(module, name), label)))
+        yield probe
 
 
 class MemoryCensus(TorchDispatchMode):
-    """Live bytes of storages created by ops while active (pre-existing storages excluded)."""
+    """Live bytes of storages created by ops while active (storages that existed before excluded)."""
 
     def __init__(self, existing: list[torch.Tensor]):
         super().__init__()
         self.existing = {t.untyped_storage()._cdata for t in existing}
-        self.live: dict[int, list[int]] = {}  # storage -> [bytes, python references]
-        self.current = self.peak = 0
-        self.largest: list[tuple[int, str, tuple[int, ...], str]] = []
-        self.stage = ""
+        self.live: dict[int, list] = {}  # storage -> [bytes, python references, (bytes, op, shape)]
+        self.current = self.peak = self.top = 0
+        self.largest: list[tuple[int, str, tuple[int, ...]]] = []
+        self.at_top: list[tuple[int, str, tuple[int, ...]]] = []  # what was live at the overall peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -55,10 +120,14 @@ class MemoryCensus(TorchDispatchMode):
             return
         if key not in self.live:
             size = t.untyped_storage().nbytes()
-            self.live[key] = [size, 0]
+            what = (size, func.__name__, tuple(t.shape))
+            self.live[key] = [size, 0, what]
             self.current += size
             self.peak = max(self.peak, self.current)
-            self.largest.append((size, str(func.__name__), tuple(t.shape), self.stage))
+            self.largest.append(what)
+            if self.current > self.top:
+                self.top = self.current
+                self.at_top = sorted((entry[2] for entry in self.live.values()), reverse=True)
         self.live[key][1] += 1
         weakref.finalize(t, self._release, key)
 
@@ -69,43 +138,44 @@ class MemoryCensus(TorchDispatchMode):
             self.current -= entry[0]
             del self.live[key]
 
-    def run(self, stage: str, fn: Callable[[], object]) -> tuple[object, int]:
-        """``fn()`` and the peak bytes live during it (everything created since the census began)."""
-        self.stage, self.peak = stage, self.current
-        result = fn()
-        return result, self.peak
+    def reset_peak(self) -> None:
+        self.peak = self.current
 
 
-def stage_table(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype, gqa: str,
-                block: int = 128, segment: int = 256, threshold: float = 0.9) -> tuple[list[dict], list]:
-    """Per stage: peak live bytes beyond q/k/v (``peak``) and what stays live after it (``after``)."""
+def _meta_flex_attention(query, key, value, *, block_mask, scale, enable_gqa, kernel_options=None):
+    """Stand-in for compiled FlexAttention on meta tensors: its output and log-sum-exp."""
+    torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)  # lse, freed on return
+    return query.new_empty(*query.shape[:3], value.shape[-1])
+
+
+def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, scorer):
+    """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
+    statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
+    batch, q_heads, n, _ = query.shape
+    rows = min(block_size, n)
+    torch.empty(2 * 16 + 1, batch * q_heads * rows, dtype=torch.float32, device=query.device)
+    heads = q_heads if per_query_head else key.shape[1]
+    return torch.empty(batch, heads, n // segment_size * segment_size, dtype=torch.float32, device=query.device)
+
+
+def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype, gqa: str,
+           threshold: float = 0.9, importance: str = "triton") -> tuple[dict, int, list]:
+    """(stages, whole-call peak bytes beyond q/k/v, tensors live at that peak, largest first) of one
+    ``flexpbs.attention`` call."""
     q = torch.empty(batch, q_heads, n, d, device="meta", dtype=dtype)
     k = torch.empty(batch, kv_heads, n, d, device="meta", dtype=dtype)
     v = torch.empty_like(k)
-    scale = d**-0.5
-    rows = []
-    with MemoryCensus([q, k, v]) as census:
-        imp, peak = census.run("importance", lambda: key_importance(
-            q, k, block_size=block, segment_size=segment, scale=scale, per_query_head=gqa == "per_head", scorer="torch"))
-        rows.append(dict(stage="importance (PyTorch path)", peak=peak, after=census.current))
-        perm, peak = census.run("permutation", lambda: segment_permutation(imp, n, segment))
-        del imp
-        rows.append(dict(stage="permutation", peak=peak, after=census.current))
-        (k_p, v_p), peak = census.run("gather K/V", lambda: permute_kv(k, v, perm))
-        rows.append(dict(stage="gather K/V", peak=peak, after=census.current))
-        tiles, peak = census.run("selection", lambda: select_tiles(
-            q, k_p, perm, block_size=block, segment_size=segment, threshold=threshold, scale=scale))
-        rows.append(dict(stage="selection", peak=peak, after=census.current))
-        mask, peak = census.run("block mask", lambda: build_block_mask(tiles, perm, block))
-        rows.append(dict(stage="block mask (held during attention)", peak=peak, after=census.current))
-        padded = bucket_length(n, block)
-        pad_copies = 0 if padded == n else (q.numel() + k_p.numel() + v_p.numel()) // n * padded * q.element_size()
-        out_bytes = batch * q_heads * padded * d * q.element_size() + batch * q_heads * padded * 4  # output + lse
-        rows.append(dict(stage="attention (analytic: output, lse, bucket padding)",
-                         peak=census.current + pad_copies + out_bytes, after=census.current + out_bytes))
-        del mask, tiles, k_p, v_p, perm
-    largest = sorted(census.largest, reverse=True)[:8]
-    return rows, largest
+    scorer = contextlib.nullcontext()
+    if importance == "triton":
+        scorer = mock.patch.object(flexpbs.api, "key_importance", _meta_triton_importance)
+    with (mock.patch.object(flexpbs.sparse_attention, "_compiled_flex_attention", _meta_flex_attention),
+          scorer, MemoryCensus([q, k, v]) as seen):
+        probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
+        with stage_probe(probe):
+            out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, scorer="torch")
+        total = probe.whole_call_peak()
+        del out
+    return probe.stages, total, seen.at_top
 
 
 def main() -> None:
@@ -116,25 +186,30 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--gqa", default="shared", choices=["shared", "per_head"])
+    parser.add_argument("--importance", default="triton", choices=["triton", "torch"],
+                        help="the GPU kernel's allocations (stand-in) or the PyTorch path")
     args = parser.parse_args()
     dtype = torch.bfloat16
     lines = []
     for n in args.lengths:
-        rows, largest = stage_table(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa)
+        stages, total, largest = census(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa,
+                                        importance=args.importance)
         elem = dtype.itemsize
         qkv = args.batch * n * args.head_dim * (args.q_heads + 2 * args.kv_heads) * elem
         out = args.batch * n * args.head_dim * args.q_heads * elem
-        print(f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; largest tensors:")
-        for size, op, shape, stage in largest:
-            print(f"  {size / GiB:7.3f} GiB  {stage:12s} {op:28s} {list(shape)}")
-        for r in rows:
-            lines.append(f"| {n} | {r['stage']} | {r['peak'] / GiB:.3f} | {r['after'] / GiB:.3f} | "
-                         f"{r['peak'] / qkv:.2f} |")
-        worst = max(r["peak"] for r in rows[:-1])
-        lines.append(f"| {n} | **peak before attention** | {worst / GiB:.3f} | | {worst / qkv:.2f} |")
-    print(f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}; "
-          "GiB live beyond q/k/v (meta-device census)\n")
-    print("| N | stage | peak GiB | live after GiB | peak / q+k+v bytes |")
+        print(f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; live at the peak "
+              f"({total / GiB:.3f} GiB):")
+        for size, op, shape in largest[:8]:
+            print(f"  {size / GiB:7.3f} GiB  {op:28s} {list(shape)}")
+        print(f"  {sum(t[0] for t in largest[8:]) / GiB:7.3f} GiB  in {len(largest[8:])} smaller tensors")
+        for label, row in stages.items():
+            lines.append(f"| {n} | {label} | {row['calls']} | {row['peak'] / GiB:.3f} | {row['after'] / GiB:.3f} |")
+        extra = total - out
+        lines.append(f"| {n} | **whole call**: peak beyond q/k/v {total / GiB:.3f} GiB; beyond q/k/v/output "
+                     f"{extra / GiB:.3f} GiB = {extra / qkv:.2f} x q/k/v bytes | | | |")
+    print(f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}, "
+          f"threshold 0.9, importance {args.importance}; GiB beyond q/k/v, counted on the meta device\n")
+    print("| N | stage | calls | peak GiB | live after GiB |")
     print("|---|---|---|---|---|")
     print("\n".join(lines))
 

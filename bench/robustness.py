@@ -5,12 +5,13 @@
     PYTHONPATH=$PWD python bench/robustness.py --cpu-smoke                      # tiny sizes, any machine
 
 Sections (B=1, Hq=32, Hkv=8, D=128, bf16, threshold 0.9 unless stated):
-  memory       peak device memory of one call and of each stage, beyond q/k/v; the output; the ratio of the
-               extra beyond q/k/v/output to the q/k/v bytes (goal <= 0.25). A size that runs out of memory
-               prints a line and is skipped.
-  int32        shapes whose q holds >= 2^31 elements: sampled rows (first, last, middle, block and segment
-               boundaries, last batch and head) against a float32 attention over the keys the reported
-               tiles give them; plus the selection against flexpbs.reference at a small N.
+  memory       peak device memory of one call and of each stage (every head chunk), beyond q/k/v; the
+               output; the ratio of the extra beyond q/k/v/output to the q/k/v bytes (goal <= 0.25). A size
+               that runs out of memory prints a line and is skipped.
+  int32        shapes whose q holds >= 2^31 elements (B > 1: element offsets >= 2^31 even inside one head
+               chunk of the pipeline): sampled rows (first, last, middle, block and segment boundaries,
+               last batch and head) against a float32 attention over the keys the reported tiles give
+               them; plus the selection against flexpbs.reference at a small N.
   determinism  two calls on the same inputs: bitwise-identical output, block mask, permutation, density.
   numerics     large magnitudes (x1e3), outlier channels, sinks, float16 logits beyond float16's range:
                finite outputs, sampled rows within the stated tolerance; non-finite inputs: the contract.
@@ -30,13 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexpbs  # noqa: E402
 from checks import (  # noqa: E402
-    check_against_reference, check_rows, check_stats, finite_tile_rows, make_inputs, sample_rows)  # noqa: E402
+    check_against_reference, check_rows, check_stats, finite_tile_rows, make_inputs, sample_rows)
 from flexpbs import PBSConfig  # noqa: E402
-from flexpbs.block_mask import build_block_mask  # noqa: E402
-from flexpbs.importance import key_importance, resolve_scorer  # noqa: E402
-from flexpbs.permutation import permute_kv, segment_permutation  # noqa: E402
-from flexpbs.selection import select_tiles  # noqa: E402
-from flexpbs.sparse_attention import sparse_attention  # noqa: E402
+from memory_model import StageProbe, census, stage_probe  # noqa: E402
 
 GiB = 2**30
 RESULTS: list[tuple[str, str, str]] = []  # (section, case, result) for the final table
@@ -53,43 +50,7 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def nbytes(*xs: torch.Tensor) -> int:
-    return sum(x.numel() * x.element_size() for x in xs)
-
-
 # --- memory -------------------------------------------------------------------------------------
-
-
-def stage_peaks(q, k, v, cfg: PBSConfig) -> list[tuple[str, int, int]]:
-    """(stage, peak bytes beyond q/k/v during it, bytes live beyond q/k/v after it), stage by stage as in
-    flexpbs.api._pbs_attention, each keeping what the pipeline keeps."""
-    scale = q.shape[-1] ** -0.5
-    base = torch.cuda.memory_allocated()
-    rows = []
-
-    def run(name, fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        rows.append((name, torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base))
-        return result
-
-    scorer = resolve_scorer(cfg.scorer, q.device)
-    imp = run(f"importance ({scorer})", lambda: key_importance(
-        q, k, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale,
-        per_query_head=cfg.gqa == "per_head", scorer=scorer))
-    perm = run("permutation", lambda: segment_permutation(imp, q.shape[2], cfg.segment_size))
-    del imp
-    k_p, v_p = run("gather K/V", lambda: permute_kv(k, v, perm))
-    tiles = run("selection", lambda: select_tiles(q, k_p, perm, block_size=cfg.block_size,
-                                                   segment_size=cfg.segment_size, threshold=cfg.threshold, scale=scale))
-    mask = run("block mask", lambda: build_block_mask(tiles, perm, cfg.block_size))
-    del mask
-    out = run("mask + attention", lambda: sparse_attention(q, k_p, v_p, tiles, perm, block_size=cfg.block_size,
-                                                          scale=scale))
-    del out, k_p, v_p, tiles, perm
-    return rows
 
 
 def section_memory(args, dev) -> None:
@@ -98,26 +59,29 @@ def section_memory(args, dev) -> None:
     for n in args.memory_lengths:
         free()
         try:
-            q, k, v = make_inputs(b, hq, hkv, n, d, torch.bfloat16, dev, seed=0)
-            qkv = nbytes(q, k, v)
-            out_bytes = nbytes(q)  # Dv = D, same dtype
-            flexpbs.attention(q, k, v, config=cfg)  # compile this length bucket first
-            free()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            out = flexpbs.attention(q, k, v, config=cfg)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            del out
+            qkv = b * n * d * (hq + 2 * hkv) * 2
+            out_bytes = b * hq * n * d * 2
+            if dev.type == "cuda":
+                q, k, v = make_inputs(b, hq, hkv, n, d, torch.bfloat16, dev, seed=0)
+                flexpbs.attention(q, k, v, config=cfg)  # compile this length bucket first
+                free()
+                probe = StageProbe(torch.cuda.memory_allocated, torch.cuda.max_memory_allocated,
+                                   torch.cuda.reset_peak_memory_stats)
+                with stage_probe(probe):
+                    out = flexpbs.attention(q, k, v, config=cfg)
+                peak, stages, how = probe.whole_call_peak(), probe.stages, "measured"
+                del out
+            else:  # no device counters: count on the meta device instead
+                stages, peak, _ = census(b, hq, hkv, n, d, torch.bfloat16, "shared", importance="torch")
+                how = "meta-device census"
             extra = peak - out_bytes
-            report("memory", f"N={n} one call", f"q/k/v {qkv / GiB:.2f} GiB, output {out_bytes / GiB:.2f} GiB, "
-                   f"peak beyond q/k/v {peak / GiB:.3f} GiB, extra beyond q/k/v/output {extra / GiB:.3f} GiB "
-                   f"= {extra / qkv:.2f} x q/k/v bytes (goal <= 0.25)")
-            free()
-            for name, stage_peak, live in stage_peaks(q, k, v, cfg):
-                report("memory", f"N={n} stage {name}",
-                       f"peak beyond q/k/v {stage_peak / GiB:.3f} GiB, live after {live / GiB:.3f} GiB")
+            report("memory", f"N={n} one call ({how})",
+                   f"q/k/v {qkv / GiB:.2f} GiB, output {out_bytes / GiB:.2f} GiB, peak beyond q/k/v "
+                   f"{peak / GiB:.3f} GiB, extra beyond q/k/v/output {extra / GiB:.3f} GiB = {extra / qkv:.2f} x "
+                   "q/k/v bytes (goal <= 0.25)")
+            for label, row in stages.items():
+                report("memory", f"N={n} stage {label} ({row['calls']} calls)",
+                       f"peak beyond q/k/v {row['peak'] / GiB:.3f} GiB, live after {row['after'] / GiB:.3f} GiB")
         except torch.OutOfMemoryError as err:
             report("memory", f"N={n}", f"out of memory, skipped ({str(err).splitlines()[0][:120]})")
         finally:
@@ -140,7 +104,8 @@ def section_int32(args, dev) -> None:
     for shape in args.int32_shapes:
         b, hq, hkv, n, d = shape
         free()
-        label = f"B={b} Hq={hq} Hkv={hkv} N={n} D={d} bf16 (q: {b * hq * n * d / 2**31:.2f} x 2^31 elements)"
+        label = (f"B={b} Hq={hq} Hkv={hkv} N={n} D={d} bf16 (q: {b * hq * n * d / 2**31:.2f} x 2^31 elements, "
+                 f"last batch starts at {(b - 1) * hq * n * d / 2**31:.2f} x 2^31)")
         try:
             q, k, v = make_inputs(b, hq, hkv, n, d, torch.bfloat16, dev, seed=2)
             start = time.perf_counter()
@@ -265,8 +230,10 @@ def main() -> None:
                         choices=["memory", "int32", "determinism", "numerics"])
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[32768, 131072, 524288])
     parser.add_argument("--int32-shapes", type=lambda s: tuple(int(x) for x in s.split(",")), nargs="+",
-                        default=[(1, 32, 8, 524288, 128), (1, 32, 8, 786432, 128), (1, 32, 8, 1048576, 128)],
-                        help="B,Hq,Hkv,N,D tuples; q with >= 2^31 elements tests 64-bit offsets")
+                        default=[(1, 32, 8, 524288, 128), (2, 32, 8, 524288, 128), (4, 32, 8, 131072, 128),
+                                 (1, 32, 8, 786432, 128), (1, 32, 8, 1048576, 128)],
+                        help="B,Hq,Hkv,N,D tuples; q with >= 2^31 elements tests 64-bit offsets (with B > 1 also "
+                             "inside one head chunk, whose batch stride is Hq*N*D)")
     parser.add_argument("--small-n", type=int, default=4096)
     parser.add_argument("--det-n", type=int, default=131072)
     parser.add_argument("--det-heads", type=int, default=32)
@@ -277,8 +244,8 @@ def main() -> None:
         dev = torch.device("cpu")
         args.int32_shapes = [(2, 4, 2, 1500, 64)]
         args.small_n, args.det_n, args.det_heads, args.num_n = 1100, 1024, 4, 1024
-        args.sections = [s for s in args.sections if s != "memory"]
-        print("cpu smoke run: tiny sizes, no memory section (needs CUDA)")
+        args.memory_lengths = [4096]
+        print("cpu smoke run: tiny sizes; memory counted on the meta device")
     else:
         dev = torch.device("cuda")
         print(torch.__version__, torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / GiB:.0f} GiB")
