@@ -159,9 +159,9 @@ def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_
 
 
 def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype, gqa: str,
-           threshold: float = 0.9, importance: str = "triton") -> tuple[dict, int, list]:
-    """(stages, whole-call peak bytes beyond q/k/v, tensors live at that peak, largest first) of one
-    ``flexpbs.attention`` call."""
+           threshold: float = 0.9, importance: str = "triton") -> tuple[dict, int, MemoryCensus]:
+    """(stages, whole-call peak bytes beyond q/k/v, the census: ``largest`` lists every tensor created,
+    ``at_top`` those live at the peak) of one ``flexpbs.attention`` call."""
     q = torch.empty(batch, q_heads, n, d, device="meta", dtype=dtype)
     k = torch.empty(batch, kv_heads, n, d, device="meta", dtype=dtype)
     v = torch.empty_like(k)
@@ -175,7 +175,7 @@ def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch
             out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, scorer="torch")
         total = probe.whole_call_peak()
         del out
-    return probe.stages, total, seen.at_top
+    return probe.stages, total, seen
 
 
 def main() -> None:
@@ -192,16 +192,16 @@ def main() -> None:
     dtype = torch.bfloat16
     lines = []
     for n in args.lengths:
-        stages, total, largest = census(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa,
+        stages, total, seen = census(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa,
                                         importance=args.importance)
         elem = dtype.itemsize
         qkv = args.batch * n * args.head_dim * (args.q_heads + 2 * args.kv_heads) * elem
         out = args.batch * n * args.head_dim * args.q_heads * elem
         print(f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; live at the peak "
               f"({total / GiB:.3f} GiB):")
-        for size, op, shape in largest[:8]:
+        for size, op, shape in seen.at_top[:8]:
             print(f"  {size / GiB:7.3f} GiB  {op:28s} {list(shape)}")
-        print(f"  {sum(t[0] for t in largest[8:]) / GiB:7.3f} GiB  in {len(largest[8:])} smaller tensors")
+        print(f"  {sum(t[0] for t in seen.at_top[8:]) / GiB:7.3f} GiB  in {len(seen.at_top[8:])} smaller tensors")
         for label, row in stages.items():
             lines.append(f"| {n} | {label} | {row['calls']} | {row['peak'] / GiB:.3f} | {row['after'] / GiB:.3f} |")
         extra = total - out

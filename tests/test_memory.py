@@ -1,11 +1,12 @@
 """No tensor of N x N tokens: memory of a call grows linearly in N (plus nb x nb tile tables).
 
-Two views. (1) The eager stages under a TorchDispatchMode: every tensor any op returns is listed,
+Three views. (1) The eager stages under a TorchDispatchMode: every tensor any op returns is listed,
 and the largest must fit the memory model of the README ("Numerics and limits"). (2) The whole call,
 compiled FlexAttention included (a dispatch mode cannot see inside compiled code), through the
 process's peak resident memory (Linux /proc): it must grow by less than one N x N bool. Allocations
 above glibc's largest mmap threshold (32 MiB) are always fresh mappings, so a token square at
 N = 8192 (64 MiB or more) cannot hide in reused heap memory; a control shows the probe sees one.
+(3) The whole pipeline at 512K tokens on meta tensors (bench/memory_model.py), head chunks included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import flexpbs
+from bench.memory_model import census
 from flexpbs.block_mask import build_block_mask
 from flexpbs.importance import last_block_importance
 from flexpbs.permutation import permute_kv, segment_permutation
@@ -97,3 +99,15 @@ def test_a_call_never_holds_a_token_square():
             # Smaller allocations may reuse freed heap memory and are undercounted (seen: 0 to 0.4 N * N):
             # only the absence of a token square is asserted.
             assert growth < token_square // 2, (gqa, n, growth)
+
+
+def test_at_512k_tokens_nothing_exceeds_the_output_and_the_extra_stays_within_a_quarter_of_qkv():
+    """The whole pipeline at a production shape, on meta tensors (bench/memory_model.py): every tensor
+    any op creates, and the live bytes at the peak, without allocating anything."""
+    n, q_heads, kv_heads, d = 2**19, 32, 8, 128
+    stages, peak, seen = census(1, q_heads, kv_heads, n, d, torch.bfloat16, "shared")
+    out_bytes = q_heads * n * d * 2
+    qkv_bytes = (q_heads + 2 * kv_heads) * n * d * 2
+    assert max(size for size, _, _ in seen.largest) == out_bytes  # the output is the largest tensor
+    assert set(stages) >= {"importance", "permutation", "gather K/V", "selection", "block mask", "mask + attention"}
+    assert peak - out_bytes <= qkv_bytes // 4, (peak - out_bytes) / qkv_bytes  # the memory goal of issue 7
