@@ -12,7 +12,8 @@ Sections (B=1, Hq=32, Hkv=8, D=128, bf16, threshold 0.9 unless stated):
                chunk of the pipeline): sampled rows (first, last, middle, block and segment boundaries,
                last batch and head) against a float32 attention over the keys the reported tiles give
                them; plus the selection against flexpbs.reference at a small N.
-  determinism  two calls on the same inputs: bitwise-identical output, block mask, permutation, density.
+  determinism  three calls on the same inputs: bitwise-identical output, block mask, permutation, density;
+               a sha256 of them to compare between processes (the inputs come from seeded generators).
   numerics     large magnitudes (x1e3), outlier channels, sinks, float16 logits beyond float16's range:
                finite outputs, sampled rows within the stated tolerance; non-finite inputs: the contract.
 Prints a line per check, then a markdown table of every check.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -133,6 +135,15 @@ def section_int32(args, dev) -> None:
 # --- determinism --------------------------------------------------------------------------------
 
 
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """First 16 hex digits of the sha256 of the tensors' bytes (inputs come from seeded generators)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+
 def section_determinism(args, dev) -> None:
     for n, gqa, dtype in [(args.det_n, "shared", torch.bfloat16), (args.det_n, "per_head", torch.bfloat16),
                           (args.det_n + 777, "shared", torch.float16)]:
@@ -145,8 +156,10 @@ def section_determinism(args, dev) -> None:
             and torch.equal(s1.permutation, s.permutation) and torch.equal(s1.density, s.density)
             for o, s in runs[1:]
         )
+        digest = fingerprint(o1, s1.block_mask, s1.permutation, s1.density)
         report("determinism", f"N={n} {gqa} {str(dtype)[6:]}, 3 calls",
-               f"{'bitwise identical' if same else 'DIFFERENT'} output, block mask, permutation, density")
+               f"{'bitwise identical' if same else 'DIFFERENT'} output, block mask, permutation, density; "
+               f"sha256 {digest} (compare across processes on one machine)")
         del runs, q, k, v
         free()
 
