@@ -10,7 +10,8 @@ permutation, forced tiles, nothing wholly in the future, density), sampled rows 
 attention over the reported tiles, and, when N and the head count are small, the permutation and
 selection against ``flexpbs.reference``. Head layouts and length buckets come from small menus so that
 compiled graphs are reused (each new graph compiles for seconds). Stops starting new cases after
-``--seconds``; prints every case, then a coverage summary and a markdown table.
+``--seconds``; prints every case, then a coverage summary and a markdown table. About 30% of the cases
+force the pipeline's head chunks (memory budget floor 0), which otherwise only long inputs get.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexpbs  # noqa: E402
+import flexpbs.api  # noqa: E402
 from checks import check_against_reference, check_rows, check_stats, make_inputs, sample_rows  # noqa: E402
 from flexpbs import PBSConfig  # noqa: E402
 
@@ -57,6 +60,7 @@ def draw_case(rng: random.Random, buckets: list[int], small: bool) -> dict:
         threshold=1.0 if rng.random() < 0.2 else round(rng.uniform(0.05, 0.99), 3),
         gqa=rng.choice(["shared", "per_head"]), block=block, segment=segment,
         magnitude=rng.choice([1.0, 1.0, 30.0]), seed=rng.randrange(2**31),
+        chunked=rng.random() < 0.3,  # force head chunks (budget floor 0), as long inputs get them
     )
 
 
@@ -66,7 +70,10 @@ def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
     b, hq, hkv, n, d = case["batch"], case["q_heads"], case["kv_heads"], case["n"], case["head_dim"]
     magnitude = case["magnitude"] if case["dtype"] != torch.float16 else min(case["magnitude"], 10.0)
     q, k, v = make_inputs(b, hq, hkv, n, d, case["dtype"], dev, seed=case["seed"], magnitude=magnitude)
-    out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    floor = 0 if case["chunked"] else flexpbs.api._MIN_CHUNK_BYTES
+    with mock.patch.object(flexpbs.api, "_MIN_CHUNK_BYTES", floor):
+        chunks = hkv // flexpbs.api._kv_heads_per_chunk(q, k, v, cfg.block_size)
+        out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(out.isfinite().all()), "non-finite output"
     assert not stats.dense
@@ -75,7 +82,8 @@ def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
     heads = sorted({(0, 0), (b - 1, hq - 1), (rng.randrange(b), rng.randrange(hq))})
     res = check_rows(q, k, v, out, stats, cfg, heads, sample_rows(n, cfg.block_size, cfg.segment_size, 16, case["seed"]))
     assert res["bad"] == 0, f"{res['bad']} of {res['rows']} sampled rows outside tolerance (worst {res['worst']:.2f})"
-    result = dict(rows=res["rows"], worst=res["worst"], density=stats.density.mean().item(), reference=False)
+    result = dict(rows=res["rows"], worst=res["worst"], density=stats.density.mean().item(), reference=False,
+                  chunks=chunks)
     if n <= reference_n and b * hq <= 16:
         same = check_against_reference(q, k, stats, cfg)
         assert same["permutation"], "permutation differs from flexpbs.reference"
@@ -107,7 +115,7 @@ def main() -> None:
     start = time.perf_counter()
     cover: dict[str, Counter] = {k: Counter() for k in
                                  ["dtype", "gqa", "block/segment", "heads", "head_dim", "length", "length kind",
-                                  "threshold", "batch"]}
+                                  "threshold", "batch", "head chunks"]}
     passed, failed, with_reference, rows, worst = 0, [], 0, 0, 0.0
     with torch.inference_mode():
         while time.perf_counter() - start < args.seconds:
@@ -127,7 +135,8 @@ def main() -> None:
             rows += res["rows"]
             worst = max(worst, res["worst"])
             with_reference += res["reference"]
-            print(f"ok   {label}: density {res['density']:.3f}, worst error/tolerance {res['worst']:.3f}"
+            print(f"ok   {label}: {res['chunks']} head chunk(s), density {res['density']:.3f}, "
+                  f"worst error/tolerance {res['worst']:.3f}"
                   f"{', reference selection' if res['reference'] else ''}, {time.perf_counter() - t0:.1f} s", flush=True)
             cover["dtype"][str(case["dtype"])[6:]] += 1
             cover["gqa"][case["gqa"]] += 1
@@ -138,6 +147,7 @@ def main() -> None:
             cover["length kind"][case["kind"]] += 1
             cover["threshold"]["1.0" if case["threshold"] == 1.0 else "<0.5" if case["threshold"] < 0.5 else "0.5-0.99"] += 1
             cover["batch"][case["batch"]] += 1
+            cover["head chunks"][res["chunks"]] += 1
     elapsed = time.perf_counter() - start
     print(f"\n{passed + len(failed)} cases in {elapsed:.0f} s: {passed} passed, {len(failed)} failed; "
           f"{rows} sampled rows checked (worst error/tolerance {worst:.3f}); {with_reference} cases also checked "
