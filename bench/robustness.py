@@ -70,9 +70,8 @@ def section_memory(args, dev) -> None:
                 probe = StageProbe(torch.cuda.memory_allocated, torch.cuda.max_memory_allocated,
                                    torch.cuda.reset_peak_memory_stats)
                 with stage_probe(probe):
-                    out = flexpbs.attention(q, k, v, config=cfg)
+                    flexpbs.attention(q, k, v, config=cfg)
                 peak, stages, how = probe.whole_call_peak(), probe.stages, "measured"
-                del out
             else:  # no device counters: count on the meta device instead
                 stages, peak, _ = census(b, hq, hkv, n, d, torch.bfloat16, "shared", importance="torch")
                 how = "meta-device census"
