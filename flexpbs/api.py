@@ -20,6 +20,7 @@ _OP_OPTIONS = tuple(f.name for f in fields(PBSConfig))  # the op's option argume
 # in selection and BlockMask tables (bool tiles, full/partial masks, two int32 index lists, argsort).
 _MIN_CHUNK_BYTES = 2**30
 _TABLE_BYTES_PER_TILE = 14
+_MAX_TABLE_TILES = 2**31  # mask_mod table lookups may use int32 indices (FLEX_NOTES)
 
 
 def attention(
@@ -209,20 +210,33 @@ def _kv_heads_per_chunk(
 ) -> int:
     """KV heads the pipeline processes together: all of them, unless the extra memory they need
     (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
-    ``max(_MIN_CHUNK_BYTES, 25% of the q/k/v bytes)``; then the largest divisor of Hkv that fits."""
+    ``max(_MIN_CHUNK_BYTES, 25% of the q/k/v bytes)``, or the chunk's tile table would reach
+    ``_MAX_TABLE_TILES`` (the kernel may index it with int32); then the largest divisor of Hkv
+    that fits both (one KV head at least, if only the memory budget is exceeded)."""
     batch, q_heads, seq_len, _ = query.shape
     kv_heads, group = key.shape[1], q_heads // key.shape[1]
     n_blocks = -(-seq_len // block_size)
+    tiles_per_kv_head = group * batch * n_blocks * n_blocks
+    if tiles_per_kv_head >= _MAX_TABLE_TILES:
+        raise ValueError(
+            f"the tile table of one KV head ({batch} sequences x {group} query heads x {n_blocks}^2 "
+            f"blocks) has >= 2^31 entries, beyond FlexAttention's int32 indexing: use a smaller "
+            f"batch or a larger block_size"
+        )
     copies = group if per_query_head else 1  # gqa="per_head" gathers K/V once per query head
     kv_copy = copies * (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
-    tables = group * batch * n_blocks * n_blocks * _TABLE_BYTES_PER_TILE
+    tables = tiles_per_kv_head * _TABLE_BYTES_PER_TILE
     out_chunk = group * value[:, :1].numel() * value.element_size()
     inputs = sum(x.numel() * x.element_size() for x in (query, key, value))
     budget = max(_MIN_CHUNK_BYTES, inputs // 4)
-    if kv_heads * (kv_copy + tables) <= budget:
+    if kv_heads * (kv_copy + tables) <= budget and kv_heads * tiles_per_kv_head < _MAX_TABLE_TILES:
         return kv_heads
     per_head = kv_copy + tables + out_chunk
-    fits = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0 and d * per_head <= budget]
+    fits = [
+        d
+        for d in range(1, kv_heads + 1)
+        if kv_heads % d == 0 and d * per_head <= budget and d * tiles_per_kv_head < _MAX_TABLE_TILES
+    ]
     return max(fits, default=1)
 
 

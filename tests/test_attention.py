@@ -186,3 +186,15 @@ def test_head_chunks_bounding_memory_give_the_same_result(gqa):
     assert torch.equal(stats.block_mask, whole_stats.block_mask)
     assert torch.equal(stats.permutation, whole_stats.permutation)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_tile_tables_stay_within_int32_indexing():
+    case = Case(batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4)
+    q, k, v = make_qkv(case)
+    tiles_per_kv_head = 2 * 11 * 11
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(api, "_MAX_TABLE_TILES", 2 * tiles_per_kv_head + 1)  # two KV heads fit, four do not
+        assert api._kv_heads_per_chunk(q, k, v, 64, False) == 2
+        m.setattr(api, "_MAX_TABLE_TILES", tiles_per_kv_head)
+        with pytest.raises(ValueError, match="int32"):
+            flexpbs.attention(q, k, v, block_size=64, segment_size=128)
