@@ -1,0 +1,155 @@
+"""Chunked prefill: Nq <= N queries at the last key positions (bottom-right causal), end to end."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import flex_attention
+
+import flexpbs
+from flexpbs import PBSConfig, reference
+from flexpbs.block_mask import build_block_mask
+from flexpbs.permutation import permute_kv
+from tests.helpers import Case, chunk_cases, make_qkv, sdpa_causal
+from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
+
+
+def chunk_of(case, n_queries, dtype=torch.float32):
+    """Queries of the last ``n_queries`` positions, all N keys and values."""
+    q, k, v = make_qkv(case, dtype)
+    return q[:, :, case.seq_len - n_queries :], k, v
+
+
+def causal_rectangle_tiles(n_queries, n, block):
+    """Causal tiles of the (aligned query block, key block) rectangle."""
+    nb = -(-n // block)
+    return torch.ones(nb, nb).tril()[(n - n_queries) // block :].sum()
+
+
+@settings(max_examples=15)
+@given(chunk=chunk_cases(max_len=800), gqa=st.sampled_from(["shared", "per_head"]))
+def test_threshold_one_equals_dense_attention_with_the_offset(chunk, gqa):
+    case, n_queries = chunk
+    q, k, v = chunk_of(case, n_queries)
+    out, stats = flexpbs.attention(
+        q, k, v, block_size=case.block_size, segment_size=case.segment_size,
+        threshold=1.0, gqa=gqa, return_stats=True,
+    )
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
+    nb = -(-case.seq_len // case.block_size)
+    nbq = nb - (case.seq_len - n_queries) // case.block_size
+    assert stats.block_mask.shape == (case.batch, case.q_heads, nbq, nb)
+    assert stats.dense == (case.seq_len <= case.segment_size)
+
+
+@settings(max_examples=15)
+@given(
+    chunk=chunk_cases(max_len=800, sharp=True),
+    threshold=st.sampled_from([0.2, 0.5, 0.8, 0.95]),
+    gqa=st.sampled_from(["shared", "per_head"]),
+)
+def test_any_threshold_equals_the_reference_extended_with_the_offset(chunk, threshold, gqa):
+    case, n_queries = chunk
+    q, k, v = chunk_of(case, n_queries)
+    cfg = PBSConfig(
+        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa
+    )
+    out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    if case.seq_len > case.segment_size:
+        imp = reference.importance(q, k, cfg)
+        assert_same_permutation_up_to_ties(
+            stats.permutation, reference.permutation(imp, case.seq_len, case.segment_size), imp
+        )
+        assert torch.equal(stats.block_mask, reference.selection(q, k, stats.permutation, cfg))
+    else:
+        ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
+        assert torch.equal(stats.permutation, ref_perm)
+        assert torch.equal(stats.block_mask, ref_tiles)
+    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size, n_queries)
+    want = reference.masked_attention(q, k, v, mask, case.head_dim**-0.5)
+    torch.testing.assert_close(out, want, rtol=0, atol=FP32_ATOL)
+    # density: computed tiles over the causal tiles of the rectangle
+    want_density = stats.block_mask.sum((-1, -2)).float() / causal_rectangle_tiles(
+        n_queries, case.seq_len, case.block_size
+    )
+    torch.testing.assert_close(stats.density, want_density)
+
+
+@settings(max_examples=6)
+@given(
+    case=st.sampled_from([
+        Case(1, 2, 2, 700, 32, 64, 128, seed=0, sharpness=3.0),
+        Case(2, 1, 2, 640, 16, 64, 256, seed=1, sharpness=4.0),
+    ]),
+    chunk_blocks=st.integers(1, 9),
+    threshold=st.sampled_from([0.3, 0.6, 0.9]),
+    gqa=st.sampled_from(["shared", "per_head"]),
+)
+def test_chunk_starting_on_a_block_boundary_is_the_tail_of_the_full_prefill(
+    case, chunk_blocks, threshold, gqa
+):
+    """At any threshold: same importance rows (the last block of queries), same query blocks."""
+    q, k, v = make_qkv(case)
+    n = case.seq_len
+    # at least one whole block of queries, so that both calls score importance with the same rows
+    start = max(0, (n - case.block_size) // case.block_size - chunk_blocks + 1) * case.block_size
+    opts = dict(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold,
+                gqa=gqa, return_stats=True)
+    full, full_stats = flexpbs.attention(q, k, v, **opts)
+    out, stats = flexpbs.attention(q[:, :, start:], k, v, **opts)
+    assert torch.equal(stats.permutation, full_stats.permutation)
+    assert torch.equal(stats.block_mask, full_stats.block_mask[:, :, start // case.block_size :])
+    torch.testing.assert_close(out, full[:, :, start:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_queries, n", [(1, 100), (37, 200), (200, 256), (60, 64)])
+def test_short_keys_run_dense_bottom_right(n_queries, n):
+    case = Case(1, 2, 2, n, 32, 128, 256, seed=n_queries)
+    q, k, v = chunk_of(case, n_queries)
+    out, stats = flexpbs.attention(q, k, v, threshold=0.1, return_stats=True)
+    assert stats.dense and (stats.density == 1).all()
+    torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
+    # not SDPA's top-left is_causal
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert not torch.allclose(out, top_left, atol=1e-3)
+
+
+def test_empty_chunk():
+    q, k, v = make_qkv(Case(1, 2, 2, 600, 16, 64, 128, seed=0))
+    out, stats = flexpbs.attention(q[:, :, :0], k, v, block_size=64, segment_size=128, return_stats=True)
+    assert out.shape == (1, 4, 0, 16) and stats.block_mask.shape == (1, 4, 0, 10)
+
+
+@pytest.mark.parametrize(
+    "case, n_queries, threshold, gqa",
+    [
+        (Case(1, 2, 2, 700, 32, 64, 128, seed=3, sharpness=3.0), 300, 0.6, "shared"),
+        (Case(2, 1, 4, 517, 16, 64, 128, seed=4, sharpness=4.0), 77, 0.5, "per_head"),
+    ],
+)
+def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa):
+    """The mask_mod alone (eager flex) states the same mask as the block lists (compiled)."""
+    q, k, v = chunk_of(case, n_queries)
+    out, stats = flexpbs.attention(
+        q, k, v, block_size=case.block_size, segment_size=case.segment_size,
+        threshold=threshold, gqa=gqa, return_stats=True,
+    )
+    offset = case.seq_len - n_queries
+    lead = offset % case.block_size
+    k_p, v_p = permute_kv(k, v, stats.permutation)
+    bm = build_block_mask(stats.block_mask, stats.permutation, case.block_size, query_start=offset - lead)
+    q_aligned = F.pad(q, (0, 0, lead, 0))  # dummy rows align query blocks with key blocks
+    eager = flex_attention(q_aligned, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
+    torch.testing.assert_close(out, eager[:, :, lead:], rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_precision_chunk_within_stated_tolerance(dtype, atol):
+    case = Case(1, 2, 2, 900, 64, 128, 256, seed=7, sharpness=2.0)
+    q, k, v = chunk_of(case, 333, dtype)
+    out, stats = flexpbs.attention(q, k, v, threshold=0.7, return_stats=True)
+    assert out.dtype == dtype
+    mask = reference.token_mask(stats.block_mask, stats.permutation, 128, 333)
+    torch.testing.assert_close(out.float(), reference.masked_attention(q, k, v, mask, 0.125), rtol=0, atol=atol)
