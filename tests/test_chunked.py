@@ -27,7 +27,7 @@ def causal_rectangle_tiles(n_queries, n, block):
     return torch.ones(nb, nb).tril()[(n - n_queries) // block :].sum()
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(chunk=chunk_cases(max_len=800), gqa=st.sampled_from(["shared", "per_head"]))
 def test_threshold_one_equals_dense_attention_with_the_offset(chunk, gqa):
     case, n_queries = chunk
@@ -44,7 +44,7 @@ def test_threshold_one_equals_dense_attention_with_the_offset(chunk, gqa):
     assert stats.dense == (case.seq_len <= case.segment_size)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(
     chunk=chunk_cases(max_len=800, sharp=True),
     threshold=st.sampled_from([0.2, 0.5, 0.8, 0.95]),
@@ -77,7 +77,7 @@ def test_any_threshold_equals_the_reference_extended_with_the_offset(chunk, thre
     torch.testing.assert_close(stats.density, want_density)
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(
     case=st.sampled_from([
         Case(1, 2, 2, 700, 32, 64, 128, seed=0, sharpness=3.0),
@@ -125,7 +125,6 @@ def test_empty_chunk():
 @pytest.mark.parametrize(
     "case, n_queries, threshold, gqa",
     [
-        (Case(1, 2, 2, 700, 32, 64, 128, seed=3, sharpness=3.0), 300, 0.6, "shared"),
         (Case(2, 1, 4, 517, 16, 64, 128, seed=4, sharpness=4.0), 77, 0.5, "per_head"),
     ],
 )
@@ -143,13 +142,3 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
     q_aligned = F.pad(q, (0, 0, lead, 0))  # dummy rows align query blocks with key blocks
     eager = flex_attention(q_aligned, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
     torch.testing.assert_close(out, eager[:, :, lead:], rtol=0, atol=FP32_ATOL)
-
-
-@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
-def test_half_precision_chunk_within_stated_tolerance(dtype, atol):
-    case = Case(1, 2, 2, 900, 64, 128, 256, seed=7, sharpness=2.0)
-    q, k, v = chunk_of(case, 333, dtype)
-    out, stats = flexpbs.attention(q, k, v, threshold=0.7, return_stats=True)
-    assert out.dtype == dtype
-    mask = reference.token_mask(stats.block_mask, stats.permutation, 128, 333)
-    torch.testing.assert_close(out.float(), reference.masked_attention(q, k, v, mask, 0.125), rtol=0, atol=atol)

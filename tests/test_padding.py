@@ -16,21 +16,27 @@ CASE = Case(batch=3, kv_heads=2, group=2, seq_len=520, head_dim=16, block_size=6
 
 @st.composite
 def padding_masks(draw, batch: int, n: int):
-    """[batch, n] bool: per sequence none, left, right, left and right, holes, or all padding."""
+    """[batch, n] bool: per sequence none, left, right, left and right, two holes, or all padding.
+
+    Few padding amounts, so that compacted lengths (each a compiled graph) repeat across examples.
+    """
     rows = []
     for _ in range(batch):
         kind = draw(st.sampled_from(["none", "left", "right", "both", "holes", "all"]))
+        amount = draw(st.sampled_from([64, 100]))
         row = torch.ones(n, dtype=torch.bool)
-        left = draw(st.integers(1, n - 1))
-        if kind in ("left", "both"):
-            row[:left] = False
-        if kind in ("right", "both"):
-            row[draw(st.integers(max(left, 1), n - 1)) if kind == "both" else left :] = False
-        if kind == "holes":
-            for _ in range(draw(st.integers(1, 4))):
-                start = draw(st.integers(0, n - 1))
-                row[start : start + draw(st.integers(1, 80))] = False
-        if kind == "all":
+        if kind == "left":
+            row[:amount] = False
+        elif kind == "right":
+            row[n - amount :] = False
+        elif kind == "both":
+            row[: amount // 2] = False
+            row[n - amount // 2 :] = False
+        elif kind == "holes":
+            for _ in range(2):
+                start = draw(st.integers(0, n - amount // 2))
+                row[start : start + amount // 2] = False
+        elif kind == "all":
             row[:] = False
         rows.append(row)
     return torch.stack(rows)
@@ -50,10 +56,10 @@ def unpadded_calls(q, k, v, valid, **options):
     return out, stats
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(
     data=st.data(),
-    n_queries=st.sampled_from([520, 300, 64]),
+    n_queries=st.sampled_from([520, 300]),
     threshold=st.sampled_from([0.5, 1.0]),
     gqa=st.sampled_from(["shared", "per_head"]),
 )
@@ -72,8 +78,10 @@ def test_padded_batch_equals_unpadded_calls_per_sequence(data, n_queries, thresh
         assert got.dense == exp.dense
         assert torch.equal(got.block_mask, exp.block_mask)
         assert torch.equal(got.permutation, exp.permutation)
-    if threshold == 1.0:
-        torch.testing.assert_close(out, sdpa_causal(q, k, v, valid_keys=valid), rtol=0, atol=FP32_ATOL)
+    if threshold == 1.0:  # on real query rows (padded rows see real keys in the dense oracle)
+        dense = sdpa_causal(q, k, v, valid_keys=valid)
+        real = valid[:, CASE.seq_len - n_queries :, None].expand(-1, -1, CASE.q_heads)
+        torch.testing.assert_close(out.transpose(1, 2)[real], dense.transpose(1, 2)[real], rtol=0, atol=FP32_ATOL)
 
 
 def test_all_true_mask_takes_the_batched_path():
@@ -96,7 +104,9 @@ def test_fully_padded_rows_are_zeros_not_nan():
     out = flexpbs.attention(q, k, v, valid_keys=valid, block_size=64, segment_size=128, threshold=1.0)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[1, :, :400] == 0).all()
-    torch.testing.assert_close(out, sdpa_causal(q, k, v, valid_keys=valid), rtol=0, atol=FP32_ATOL)
+    dense = sdpa_causal(q, k, v, valid_keys=valid)
+    torch.testing.assert_close(out[1, :, 400:], dense[1, :, 400:], rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(out[2], dense[2], rtol=0, atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize(

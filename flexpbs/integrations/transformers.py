@@ -16,10 +16,11 @@ paged cache, and any masked call inside torch.compile) goes to transformers' own
 ``sdpa_attention_forward`` with the same arguments, so it computes exactly what
 ``attn_implementation="sdpa"`` computes. Masks are built as for "sdpa" (``sdpa_mask``), except that
 a plain causal mask with equal query and key lengths and no padding is always skipped (None), also
-under torch.compile, where transformers materialises it with torch < 2.14: the attention function
-sees ``attention_mask=None`` exactly when the batch has no padding and no cache, eagerly and
-compiled. A padded batch gives what each sequence alone gives on its real tokens; query rows at
-padded positions are zeros (SDPA leaves other values there, which no real token reads).
+under torch.compile, where transformers materialises it with torch < 2.14. A materialised mask is
+checked against ``causal & padding`` in full (a read of the mask and a device sync, eager only); a
+padded batch then gives what each sequence alone gives on its real tokens, and query rows at padded
+positions are zeros (SDPA leaves other values there, which no real token reads). ``last_stats`` and
+``on_stats`` get a list of per-sequence PBSStats for a padded batch (see :func:`flexpbs.attention`).
 
 Options: ``register(config=...)`` or ``register(**options)`` give the defaults; a model whose config
 has a ``flexpbs`` dict (``model.config.flexpbs = {"threshold": 0.95}``) overrides them key by key.
