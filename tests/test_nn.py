@@ -31,6 +31,10 @@ def test_module_equals_function():
     want = flexpbs.attention(q, k, v, **OPTIONS)
     assert torch.equal(module(q, k, v), want)
     assert torch.equal(PBSAttention(PBSConfig(**OPTIONS))(q, k, v), want)
+    valid = torch.ones(1, 600, dtype=torch.bool)
+    valid[0, :10] = False
+    chunk = q[:, :, 300:]
+    assert torch.equal(module(chunk, k, v, valid), flexpbs.attention(chunk, k, v, valid_keys=valid, **OPTIONS))
     assert "threshold=0.9" in repr(module)
 
 

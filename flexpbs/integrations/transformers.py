@@ -68,7 +68,8 @@ class FlexPBSAttention:
         config: the registration's :class:`PBSConfig` (defaults for every model).
         calls: ``collections.Counter`` of eager calls per path: ``"pbs"`` or a key of
             :data:`FALLBACK_REASONS`.
-        last_stats: :class:`PBSStats` of the last eager PBS call (any layer), or None.
+        last_stats: :class:`PBSStats` of the last eager PBS call (any layer), a list of them
+            (one per sequence) for a padded batch, or None.
         on_stats: ``callable(layer_idx, stats)`` called after every eager PBS call, or None.
     """
 
@@ -76,13 +77,13 @@ class FlexPBSAttention:
         self,
         name: str,
         config: PBSConfig,
-        on_stats: Callable[[int | None, PBSStats], None] | None = None,
+        on_stats: Callable[[int | None, PBSStats | list[PBSStats]], None] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.on_stats = on_stats
         self.calls: collections.Counter[str] = collections.Counter()
-        self.last_stats: PBSStats | None = None
+        self.last_stats: PBSStats | list[PBSStats] | None = None
 
     def reset(self) -> None:
         """Clear ``calls`` and ``last_stats``."""
@@ -237,7 +238,7 @@ def register(
     name: str = "flexpbs",
     config: PBSConfig | None = None,
     *,
-    on_stats: Callable[[int | None, PBSStats], None] | None = None,
+    on_stats: Callable[[int | None, PBSStats | list[PBSStats]], None] | None = None,
     **options,
 ) -> FlexPBSAttention:
     """Register PBS prefill attention with transformers under ``name``.
