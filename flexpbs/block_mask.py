@@ -70,9 +70,8 @@ def build_block_mask(
     n = perm.shape[-1]
     q_len = n - query_start if q_len is None else q_len
     group = tiles.shape[1] // perm.shape[1]
-    positions = perm - query_start  # counted from query row 0: the causal test is then <= q_idx
-    _, last_pos = block_position_bounds(positions, block_size)
-    first_query = torch.arange(tiles.shape[-2], device=perm.device) * block_size
+    _, last_pos = block_position_bounds(perm, block_size)
+    first_query = query_start + torch.arange(tiles.shape[-2], device=perm.device) * block_size
     all_before = last_pos[:, :, None, :] <= first_query[:, None]
     full = tiles & all_before.repeat_interleave(group, dim=1)
     partial = tiles & ~full
@@ -84,7 +83,8 @@ def build_block_mask(
         full_num,
         full_idx,
         BLOCK_SIZE=block_size,
-        mask_mod=pbs_mask_mod(tiles, positions.to(torch.int32), block_size),
+        # counted from query row 0, the causal test is ``position <= q_idx`` for any query_start
+        mask_mod=pbs_mask_mod(tiles, (perm - query_start).to(torch.int32), block_size),
         seq_lengths=(q_len, n),
         compute_q_blocks=False,
     )

@@ -153,6 +153,26 @@ def test_short_chunks_and_static_cache_fall_back_to_sdpa(use, pbs, prompt):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_only_causal_and_padding_masks_are_recognised():
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.rand(3, 50, generator=gen) < 0.8
+    valid[:, -1] = True
+    for q_len in (50, 20, 1):
+        causal = torch.ones(q_len, 50, dtype=torch.bool).tril(50 - q_len)
+        mask = (causal & valid[:, None, :])[:, None]
+        assert torch.equal(fx._key_padding(mask, 3, q_len, 50), valid)
+        assert torch.equal(fx._key_padding(mask[:1], 3, q_len, 50), valid[:1].expand(3, 50))
+        top_left = torch.ones(q_len, 50, dtype=torch.bool).tril()
+        window = causal & ~torch.ones(q_len, 50, dtype=torch.bool).tril(50 - q_len - 8)
+        assert fx._key_padding(mask.float(), 3, q_len, 50) is None
+        if q_len == 1:
+            continue  # one row is always some padding mask (decoding never gets here: "not_prefill")
+        others = (window,) if q_len == 50 else (window, top_left)  # top-left = bottom-right for Nq == N
+        for other in others:
+            assert fx._key_padding(other.expand(3, 1, q_len, 50), 3, q_len, 50) is None
+    assert fx._key_padding(mask, 3, q_len, 51) is None  # shape mismatch
+
+
 def test_short_prompt_and_grad_fall_back_to_sdpa(use, pbs, prompt):
     short = prompt[:, :100]
     want = logits(use("sdpa"), short)

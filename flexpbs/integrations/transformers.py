@@ -120,9 +120,8 @@ class FlexPBSAttention:
         compiling = torch.compiler.is_compiling()
         valid_keys = None
         if reason is None and attention_mask is not None:
-            valid_keys = None if compiling else _key_padding(
-                attention_mask, query.shape[0], query.shape[2], key.shape[2]
-            )
+            if not compiling:  # recognising the mask reads it: eager only
+                valid_keys = _key_padding(attention_mask, query.shape[0], query.shape[2], key.shape[2])
             if valid_keys is None:
                 reason = "mask"
             elif bool(valid_keys.all()):
