@@ -101,7 +101,8 @@ class PBSConfig:
         return config
 
     def runs_dense(self, seq_len: int) -> bool:
-        """Whether ``seq_len`` tokens run dense causal attention instead of PBS (too short)."""
+        """Whether ``seq_len`` keys (the key length, also for a chunk) run dense causal attention
+        instead of PBS (too short)."""
         return seq_len <= self.segment_size or (self.min_seq_len is not None and seq_len < self.min_seq_len)
 
 
