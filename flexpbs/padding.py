@@ -17,7 +17,7 @@ import torch
 
 from flexpbs.config import PBSConfig, PBSStats
 
-Pipeline = Callable[..., "torch.Tensor | tuple[torch.Tensor, PBSStats]"]
+Pipeline = Callable[..., torch.Tensor | tuple[torch.Tensor, PBSStats]]  # api._pbs_attention
 
 
 def check_valid_keys(valid_keys: torch.Tensor, key: torch.Tensor) -> None:

@@ -67,7 +67,7 @@ def block_scores(
     """Softmax of pooled logits over the candidate key blocks.
 
     Args:
-        pooled_q: ``[B, Hq, nb, D]`` float32.
+        pooled_q: ``[B, Hq, nbq, D]`` float32.
         pooled_k: ``[B, Hp, nb, D]`` float32, Hq a multiple of Hp (query head h reads h // (Hq/Hp)).
         candidates: ``[nbq, nb]`` bool.
 
