@@ -56,7 +56,7 @@ def unpadded_calls(q, k, v, valid, **options):
     return out, stats
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(
     data=st.data(),
     n_queries=st.sampled_from([520, 300]),
