@@ -29,7 +29,7 @@ def causal_rectangle_tiles(n_queries, n, block):
     return torch.ones(nb, nb).tril()[(n - n_queries) // block :].sum()
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(
     chunk=chunk_cases(max_len=800, sharp=True),
     threshold=st.sampled_from([0.2, 0.5, 0.8, 0.95]),
