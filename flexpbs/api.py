@@ -17,6 +17,11 @@ from flexpbs.sparse_attention import sparse_attention
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULTS = PBSConfig()
 _OP_OPTIONS = tuple(f.name for f in fields(PBSConfig))  # the op's option arguments, in order
+# Extra memory the pipeline may always use (below it, no head chunking), and the bytes one tile costs
+# in selection and BlockMask tables (bool tiles, full/partial masks, two int32 index lists, argsort).
+_MIN_CHUNK_BYTES = 2**30
+_TABLE_BYTES_PER_TILE = 14
+_MAX_TABLE_TILES = 2**31  # mask_mod table lookups may use int32 indices (FLEX_NOTES)
 
 
 def attention(
@@ -129,9 +134,73 @@ def _pbs_attention(
             batch, q_heads, perm_heads, n_queries, seq_len, cfg.block_size, query.device
         )
 
+    heads_per_chunk = _kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
+    if heads_per_chunk == kv_heads:
+        out, tiles, perm = _pbs_heads(query, key, value, cfg, scorer_used, softmax_scale)
+    else:
+        out, tiles, perm = _pbs_head_chunks(
+            query, key, value, cfg, scorer_used, softmax_scale, heads_per_chunk, return_stats
+        )
+    if not return_stats:
+        return out
+    return out, PBSStats(
+        block_mask=tiles,
+        permutation=perm,
+        density=_density(tiles),
+        dense=False,
+        scorer=None if cfg.permutation == "none" else scorer_used,
+    )
+
+
+def _pbs_head_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: PBSConfig,
+    scorer: str,
+    scale: float,
+    kv_heads_per_chunk: int,
+    keep_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_pbs_heads` a few KV heads (and their query heads) at a time, to bound extra memory.
+
+    Exact: every stage works per KV head. Tiles and permutations are kept only if ``keep_stats``.
+    """
+    group = query.shape[1] // key.shape[1]
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    tiles_parts, perm_parts = [], []
+    for k0 in range(0, key.shape[1], kv_heads_per_chunk):
+        kv_chunk = slice(k0, k0 + kv_heads_per_chunk)
+        q_chunk = slice(k0 * group, (k0 + kv_heads_per_chunk) * group)
+        out_chunk, tiles, perm = _pbs_heads(
+            query[:, q_chunk], key[:, kv_chunk], value[:, kv_chunk], cfg, scorer, scale
+        )
+        out[:, q_chunk] = out_chunk
+        del out_chunk
+        if keep_stats:
+            tiles_parts.append(tiles)
+            perm_parts.append(perm)
+    if not keep_stats:
+        return out, None, None
+    return out, torch.cat(tiles_parts, dim=1), torch.cat(perm_parts, dim=1)
+
+
+def _pbs_heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: PBSConfig,
+    scorer: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance, permutation, selection and sparse attention for some heads.
+
+    Returns:
+        ``(out [B, Hq, Nq, Dv], tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64)``.
+    """
+    batch, seq_len = key.shape[0], key.shape[2]
     if cfg.permutation == "none":  # identity order is shared by all heads: no K/V copies
-        scorer_used = None
-        perm = identity_permutation(batch, kv_heads, seq_len, query.device)
+        perm = identity_permutation(batch, key.shape[1], seq_len, query.device)
         key_p, value_p = key, value
     else:
         importance = key_importance(
@@ -139,9 +208,9 @@ def _pbs_attention(
             key,
             block_size=cfg.block_size,
             segment_size=cfg.segment_size,
-            scale=softmax_scale,
+            scale=scale,
             per_query_head=cfg.gqa == "per_head",
-            scorer=scorer_used,
+            scorer=scorer,
         )
         perm = segment_permutation(importance, seq_len, cfg.segment_size)
         key_p, value_p = permute_kv(key, value, perm)
@@ -152,16 +221,46 @@ def _pbs_attention(
         block_size=cfg.block_size,
         segment_size=cfg.segment_size,
         threshold=cfg.threshold,
-        scale=softmax_scale,
+        scale=scale,
     )
-    out = sparse_attention(
-        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, scale=softmax_scale
-    )
-    if not return_stats:
-        return out
-    return out, PBSStats(
-        block_mask=tiles, permutation=perm, density=_density(tiles), dense=False, scorer=scorer_used
-    )
+    out = sparse_attention(query, key_p, value_p, tiles, perm, block_size=cfg.block_size, scale=scale)
+    return out, tiles, perm
+
+
+def _kv_heads_per_chunk(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, per_query_head: bool
+) -> int:
+    """KV heads the pipeline processes together: all of them, unless the extra memory they need
+    (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
+    ``max(_MIN_CHUNK_BYTES, 25% of the q/k/v bytes)``, or the chunk's tile table would reach
+    ``_MAX_TABLE_TILES`` (the kernel may index it with int32); then the largest divisor of Hkv
+    that fits both (one KV head at least, if only the memory budget is exceeded)."""
+    batch, q_heads, n_queries, _ = query.shape
+    kv_heads, group, seq_len = key.shape[1], q_heads // key.shape[1], key.shape[2]
+    n_blocks = -(-seq_len // block_size)
+    q_blocks = n_blocks - (seq_len - n_queries) // block_size  # query blocks aligned to key blocks
+    tiles_per_kv_head = group * batch * q_blocks * n_blocks
+    if tiles_per_kv_head >= _MAX_TABLE_TILES:
+        raise ValueError(
+            f"the tile table of one KV head ({batch} sequences x {group} query heads x {q_blocks} x "
+            f"{n_blocks} blocks) has >= 2^31 entries, beyond FlexAttention's int32 indexing: use a "
+            f"smaller batch or a larger block_size"
+        )
+    copies = group if per_query_head else 1  # gqa="per_head" gathers K/V once per query head
+    kv_copy = copies * (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
+    tables = tiles_per_kv_head * _TABLE_BYTES_PER_TILE
+    out_chunk = group * batch * n_queries * value.shape[-1] * value.element_size()
+    inputs = sum(x.numel() * x.element_size() for x in (query, key, value))
+    budget = max(_MIN_CHUNK_BYTES, inputs // 4)
+    if kv_heads * (kv_copy + tables) <= budget and kv_heads * tiles_per_kv_head < _MAX_TABLE_TILES:
+        return kv_heads
+    per_head = kv_copy + tables + out_chunk
+    fits = [
+        d
+        for d in range(1, kv_heads + 1)
+        if kv_heads % d == 0 and d * per_head <= budget and d * tiles_per_kv_head < _MAX_TABLE_TILES
+    ]
+    return max(fits, default=1)
 
 
 @torch.library.custom_op("flexpbs::attention", mutates_args=())

@@ -14,7 +14,6 @@ query block i lies inside key block ``offset // block_size + i`` and inside that
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from flexpbs.permutation import block_position_bounds
@@ -33,14 +32,25 @@ def pool_blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor
 
     Returns:
         ``[B, H, nb, D]`` float32, nb = ceil((lead + N) / block_size); a partial first or last
-        block is divided by its own number of real tokens.
+        block is divided by its own number of real tokens. Summed with float32 accumulation in
+        place: no float32 or padded copy of ``x`` (2 GiB for q at 128K).
     """
     n = x.shape[2]
-    pad = -(lead + n) % block_size
-    sums = F.pad(x.float(), (0, 0, lead, pad)).unflatten(2, (-1, block_size)).sum(dim=3)
+    first = min(n, block_size - lead) if lead else 0  # real rows of a first block led by dummy rows
+    rest = x[:, :, first:]
+    complete = (n - first) // block_size * block_size
+    parts = [rest[:, :, :complete].unflatten(2, (-1, block_size)).sum(dim=3, dtype=torch.float32)]
+    if first:
+        parts.insert(0, x[:, :, :first].sum(dim=2, keepdim=True, dtype=torch.float32))
+    if complete < n - first:
+        parts.append(rest[:, :, complete:].sum(dim=2, keepdim=True, dtype=torch.float32))
+    sums = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     counts = torch.full((sums.shape[2], 1), float(block_size), device=x.device)
-    counts[-1] = block_size - pad
-    counts[0] -= lead
+    # Python numbers, no host-to-device copy: CUDA-graph safe
+    if complete < n - first:
+        counts[-1] = n - first - complete
+    if first:
+        counts[0] = first
     return sums / counts
 
 
@@ -132,6 +142,26 @@ def forced_tiles(
     return own | sink
 
 
+def _row_bands(
+    n_blocks: int, blocks_per_segment: int, first_query_block: int = 0
+) -> list[tuple[int, int, int]]:
+    """(first row, end row, candidate columns) of up to 8 bands of the ``n_blocks`` query blocks.
+
+    Rows of a band only have candidates before the segment of its last row (query block r lies in
+    key block ``first_query_block + r``), so each band scores and sorts only those columns: about
+    56% of the work of whole rows with 8 bands. Short inputs keep one band (fewer kernel launches).
+    """
+    n_bands = max(1, min(8, n_blocks // 128))
+    step = -(-n_blocks // n_bands)
+    bands = []
+    for r0 in range(0, n_blocks, step):
+        r1 = min(r0 + step, n_blocks)
+        columns = (first_query_block + r1 - 1) // blocks_per_segment * blocks_per_segment
+        if columns:
+            bands.append((r0, r1, columns))
+    return bands
+
+
 def select_tiles(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -163,14 +193,16 @@ def select_tiles(
     candidates = candidate_tiles(n_blocks, block_size, segment_size, query.device, first_query_block)
     forced = forced_tiles(perm, block_size, segment_size, first_query_block)
 
-    tiles = torch.empty(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
-    per_head = batch * q_blocks * n_blocks * 16  # probs, sort key, sorted values, int64 order
-    step = max(1, _CHUNK_BYTES // per_head // group) * group
-    for h0 in range(0, q_heads, step):
-        h1 = min(h0 + step, q_heads)
-        probs = block_scores(
-            pooled_q[:, h0:h1], pooled_k[:, h0 // group : h1 // group], candidates, scale
-        )
-        own_and_sink = forced[:, h0 // group : h1 // group].repeat_interleave(group, dim=1)
-        tiles[:, h0:h1] = threshold_tiles(probs, candidates, threshold) | own_and_sink
+    tiles = forced.repeat_interleave(group, dim=1)
+    bands = _row_bands(q_blocks, segment_size // block_size, first_query_block)
+    for r0, r1, columns in bands:
+        band = candidates[r0:r1, :columns]
+        per_head = batch * (r1 - r0) * columns * 16  # probs, sort key, sorted values, int64 order
+        step = max(1, _CHUNK_BYTES // per_head // group) * group
+        for h0 in range(0, q_heads, step):
+            h1 = min(h0 + step, q_heads)
+            probs = block_scores(
+                pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns], band, scale
+            )
+            tiles[:, h0:h1, r0:r1, :columns] |= threshold_tiles(probs, band, threshold)
     return tiles

@@ -42,6 +42,7 @@ def sparse_attention(
     *,
     block_size: int,
     scale: float,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Attention of original-order queries over permuted keys, on the selected tiles only.
 
@@ -51,6 +52,8 @@ def sparse_attention(
         tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block) to compute, query blocks
             aligned to key blocks as in :func:`flexpbs.selection.select_tiles`.
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
+        kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
+            value compiles its own kernel.
 
     Returns:
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
@@ -81,5 +84,6 @@ def sparse_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key_p.shape[1] != query.shape[1],
+            kernel_options=kernel_options,
         )
     return out[:, :, lead:q_total] if lead or q_pad else out

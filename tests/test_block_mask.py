@@ -62,8 +62,10 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
     tile_view = padded.unflatten(2, (nb, block)).unflatten(4, (nb, block))  # [b,h,qi,r,kj,c]
     for h in range(2 * group):
         for qb in range(nb):
-            partial = set(kv_idx[0, h, qb, : kv_num[0, h, qb]].tolist())
-            full = set(full_idx[0, h, qb, : full_num[0, h, qb]].tolist())
+            partial_list = kv_idx[0, h, qb, : kv_num[0, h, qb]].tolist()
+            full_list = full_idx[0, h, qb, : full_num[0, h, qb]].tolist()
+            assert partial_list == sorted(set(partial_list)) and full_list == sorted(set(full_list))
+            partial, full = set(partial_list), set(full_list)
             assert not partial & full
             assert partial | full == set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
             rows = slice(0, min(block, n - qb * block))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -140,3 +141,28 @@ def test_partial_last_block_is_pooled_over_real_tokens():
     # a chunk aligned to key blocks: 3 dummy rows lead the first block and are not pooled
     assert pool_blocks(x, 4, lead=3).flatten().tolist() == [0.0, 2.5, 6.5, 9.0]
     assert pool_blocks(x[:, :, :1], 4, lead=3).flatten().tolist() == [0.0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2049, 4096),
+    seg_blocks=st.sampled_from([1, 2, 3]),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+)
+def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, threshold):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, n, 16, generator=gen)
+    k_p = torch.randn(1, 2, n, 16, generator=gen)
+    perm = torch.arange(n).expand(1, 2, n)
+    options = dict(block_size=8, segment_size=8 * seg_blocks, threshold=threshold, scale=0.25)
+    chunk = q[:, :, 37:]  # a chunk: query blocks aligned to key blocks 4.. (offset 37, block 8)
+    banded = select_tiles(q, k_p, perm, **options)  # nb >= 257: several bands
+    banded_chunk = select_tiles(chunk, k_p, perm, **options)
+    nb = banded.shape[-1]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("flexpbs.selection._row_bands", lambda n_rows, bps, first=0: [(0, n_rows, first + n_rows)])
+        whole = select_tiles(q, k_p, perm, **options)
+        whole_chunk = select_tiles(chunk, k_p, perm, **options)
+    assert nb >= 257 and torch.equal(banded, whole)
+    assert torch.equal(banded_chunk, whole_chunk)
