@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
-from flexpbs import PBSConfig, reference
+from flexpbs import PBSConfig, api, reference
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
 from tests.helpers import Case, chunk_cases, make_qkv, sdpa_causal
@@ -132,3 +132,19 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
     q_aligned = F.pad(q, (0, 0, lead, 0))  # dummy rows align query blocks with key blocks
     eager = flex_attention(q_aligned, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
     torch.testing.assert_close(out, eager[:, :, lead:], rtol=0, atol=FP32_ATOL)
+
+
+def test_head_chunks_of_a_chunk_give_the_same_result():
+    """The memory-bounding head chunks size tile tables and outputs by (Nq, N)."""
+    case = Case(batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3)
+    q, k, v = chunk_of(case, 400)
+    cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8)
+    whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(api, "_MIN_CHUNK_BYTES", 0)  # budget = 25% of q/k/v: forces chunks of KV heads
+        assert api._kv_heads_per_chunk(q, k, v, 64, False) < case.kv_heads
+        chunked, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    assert stats.block_mask.shape == (2, 8, 7, 11)
+    assert torch.equal(stats.block_mask, whole_stats.block_mask)
+    assert torch.equal(stats.permutation, whole_stats.permutation)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
