@@ -267,7 +267,10 @@ def _column_mass_kernel(
             # +inf for padding rows makes their probabilities exactly 0; padding columns are not stored.
             lse = tl.load(lse_base + flat, mask=row_ok, other=float("inf"))
             s = tl.dot(q, k_t, input_precision=PRECISION)
-            mass += tl.exp2(s * scale_log2 - lse[:, None])
+            # <= 0 in exact arithmetic; recomputed logits of ~1e9 can exceed the lse by rounding
+            # (fp32 spacing ~1e2 there), and exp2 of that overflows: clamp, keeping NaN.
+            exponent = tl.minimum(s * scale_log2 - lse[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            mass += tl.exp2(exponent)
         out_ptrs = out_ptr + batch.to(tl.int64) * stride_ob + out_head.to(tl.int64) * stride_oh + cols
         tl.store(out_ptrs, tl.sum(mass, 0) * inv_count, mask=col_ok)
 
