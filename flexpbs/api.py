@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from flexpbs.config import GQAMode, PBSConfig, PBSStats, Permutation, Scorer
 from flexpbs.importance import key_importance, resolve_scorer
+from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
 from flexpbs.sparse_attention import sparse_attention
@@ -28,6 +29,7 @@ def attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
+    valid_keys: torch.Tensor | None = None,
     block_size: int = 128,
     segment_size: int = 256,
     threshold: float = 0.9,
@@ -38,36 +40,51 @@ def attention(
     permutation: Permutation = "segment",
     config: PBSConfig | None = None,
     return_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
+) -> torch.Tensor | tuple[torch.Tensor, PBSStats | list[PBSStats]]:
     """Causal prefill attention with Permuted Block-Sparse selection (PBS-Attn).
 
     Keys are reordered by importance inside fixed segments, tiles are selected by cumulative
     pooled attention mass, and only those tiles are computed by compiled FlexAttention with the
-    causal mask evaluated on original positions. Same conventions as
+    causal mask evaluated on original positions. For Nq == N, the same conventions as
     ``scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)``.
 
+    Chunked prefill (Nq < N): the queries are the LAST Nq of the N key positions (the earlier keys
+    come from a cache), so query i sits at key position ``N - Nq + i`` and attends keys ``<=`` that
+    position: the causal mask is aligned bottom-right, like flash-attn and
+    ``torch.nn.attention.bias.causal_lower_right``, NOT like SDPA's ``is_causal=True`` (top-left).
+
     Args:
-        query: ``[B, Hq, N, D]`` float16, bfloat16 or float32.
-        key: ``[B, Hkv, N, D]``, Hq a multiple of Hkv, same dtype and device as ``query``.
+        query: ``[B, Hq, Nq, D]`` float16, bfloat16 or float32.
+        key: ``[B, Hkv, N, D]``, N >= Nq, Hq a multiple of Hkv, same dtype and device as ``query``.
         value: ``[B, Hkv, N, Dv]``.
+        valid_keys: optional ``[B, N]`` bool (or 0/1 integer) on the query's device, True (1)
+            where key j of sequence b is a real token, False (0) where it is padding (HF's
+            ``attention_mask`` convention; the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``). Sequence b then gives exactly what a call on its real tokens
+            alone gives (its real keys in order; its real queries are the real ones among the last
+            Nq positions); query rows at padded positions return zeros. Left, right and inner
+            padding alike. Each sequence with padding runs on its own (the lengths are read on the
+            host: not CUDA-graph capturable); sequences without padding run batched.
         block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation: see
             :class:`PBSConfig`.
         config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
             defaults.
-        return_stats: also return a :class:`PBSStats`.
+        return_stats: also return a :class:`PBSStats`; with ``valid_keys``, a list of B
+            PBSStats, element b describing sequence b's call on its real tokens.
 
     Returns:
-        ``[B, Hq, N, Dv]`` in ``query.dtype``, rows in the original query order; with
+        ``[B, Hq, Nq, Dv]`` in ``query.dtype``, rows in the original query order; with
         ``return_stats``, a tuple ``(output, stats)``.
 
     Raises:
-        TypeError: an input is not a tensor, has a non-float or mismatched dtype, or an option
-            has the wrong type.
-        ValueError: wrong ranks, mismatched batch/length/head dim/device, Hq not a multiple of
-            Hkv, inputs requiring grad (inference only), or an option out of range.
+        TypeError: an input is not a tensor, has a non-float or mismatched dtype, ``valid_keys``
+            is not bool or integer, or an option has the wrong type.
+        ValueError: wrong ranks, mismatched batch/length/head dim/device, N < Nq, Hq not a
+            multiple of Hkv, inputs requiring grad (inference only), ``valid_keys`` of the wrong
+            shape or device or with values other than 0 and 1, or an option out of range.
 
-    Inputs of at most ``segment_size`` tokens (or fewer than ``min_seq_len``) run dense causal
-    SDPA. Inference only: no backward pass.
+    Inputs of at most ``segment_size`` keys (or fewer than ``min_seq_len``) run dense causal
+    SDPA (bottom-right aligned). Inference only: no backward pass.
 
     Inside ``torch.compile`` the pipeline is the opaque custom op ``flexpbs::attention`` (no graph
     break, any dynamic length: FlexAttention's CPU template cannot compile a dynamic length, and CPU
@@ -87,30 +104,35 @@ def attention(
     changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
     cfg = PBSConfig.resolve(config, changed)
     _check_inputs(query, key, value)
+    if valid_keys is not None:
+        check_valid_keys(valid_keys, key)
     if torch.compiler.is_compiling():
         if return_stats:
             raise ValueError("return_stats is not supported inside torch.compile; call eagerly")
-        return _attention_op(query, key, value, *(getattr(cfg, name) for name in _OP_OPTIONS))
+        options = (getattr(cfg, name) for name in _OP_OPTIONS)
+        return _attention_op(query, key, value, valid_keys, *options)
+    if valid_keys is not None:
+        return padded_attention(query, key, value, valid_keys, cfg, _pbs_attention, return_stats)
     return _pbs_attention(query, key, value, cfg, return_stats)
 
 
 def _pbs_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PBSConfig, return_stats: bool
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
-    """The pipeline on validated inputs, eagerly."""
+    """The pipeline on validated inputs without padding, eagerly; Nq <= N."""
     scorer_used = resolve_scorer(cfg.scorer, query.device)
-    batch, q_heads, seq_len, head_dim = query.shape
-    kv_heads = key.shape[1]
+    batch, q_heads, n_queries, head_dim = query.shape
+    kv_heads, seq_len = key.shape[1], key.shape[2]
     softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
-    if cfg.runs_dense(seq_len):
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=softmax_scale, enable_gqa=True
-        )
+    if cfg.runs_dense(seq_len) or n_queries == 0:
+        out = _dense_causal_attention(query, key, value, softmax_scale)
         if not return_stats:
             return out
-        return out, _dense_stats(batch, q_heads, perm_heads, seq_len, cfg.block_size, query.device)
+        return out, _dense_stats(
+            batch, q_heads, perm_heads, n_queries, seq_len, cfg.block_size, query.device
+        )
 
     heads_per_chunk = _kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
     if heads_per_chunk == kv_heads:
@@ -174,9 +196,9 @@ def _pbs_heads(
     """Importance, permutation, selection and sparse attention for some heads.
 
     Returns:
-        ``(out [B, Hq, N, Dv], tiles [B, Hq, nb, nb] bool, perm [B, Hp, N] int64)``.
+        ``(out [B, Hq, Nq, Dv], tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64)``.
     """
-    batch, _, seq_len, _ = query.shape
+    batch, seq_len = key.shape[0], key.shape[2]
     if cfg.permutation == "none":  # identity order is shared by all heads: no K/V copies
         perm = identity_permutation(batch, key.shape[1], seq_len, query.device)
         key_p, value_p = key, value
@@ -213,20 +235,21 @@ def _kv_heads_per_chunk(
     ``max(_MIN_CHUNK_BYTES, 25% of the q/k/v bytes)``, or the chunk's tile table would reach
     ``_MAX_TABLE_TILES`` (the kernel may index it with int32); then the largest divisor of Hkv
     that fits both (one KV head at least, if only the memory budget is exceeded)."""
-    batch, q_heads, seq_len, _ = query.shape
-    kv_heads, group = key.shape[1], q_heads // key.shape[1]
+    batch, q_heads, n_queries, _ = query.shape
+    kv_heads, group, seq_len = key.shape[1], q_heads // key.shape[1], key.shape[2]
     n_blocks = -(-seq_len // block_size)
-    tiles_per_kv_head = group * batch * n_blocks * n_blocks
+    q_blocks = n_blocks - (seq_len - n_queries) // block_size  # query blocks aligned to key blocks
+    tiles_per_kv_head = group * batch * q_blocks * n_blocks
     if tiles_per_kv_head >= _MAX_TABLE_TILES:
         raise ValueError(
-            f"the tile table of one KV head ({batch} sequences x {group} query heads x {n_blocks}^2 "
-            f"blocks) has >= 2^31 entries, beyond FlexAttention's int32 indexing: use a smaller "
-            f"batch or a larger block_size"
+            f"the tile table of one KV head ({batch} sequences x {group} query heads x {q_blocks} x "
+            f"{n_blocks} blocks) has >= 2^31 entries, beyond FlexAttention's int32 indexing: use a "
+            f"smaller batch or a larger block_size"
         )
     copies = group if per_query_head else 1  # gqa="per_head" gathers K/V once per query head
     kv_copy = copies * (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
     tables = tiles_per_kv_head * _TABLE_BYTES_PER_TILE
-    out_chunk = group * value[:, :1].numel() * value.element_size()
+    out_chunk = group * batch * n_queries * value.shape[-1] * value.element_size()
     inputs = sum(x.numel() * x.element_size() for x in (query, key, value))
     budget = max(_MIN_CHUNK_BYTES, inputs // 4)
     if kv_heads * (kv_copy + tables) <= budget and kv_heads * tiles_per_kv_head < _MAX_TABLE_TILES:
@@ -245,6 +268,7 @@ def _attention_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    valid_keys: torch.Tensor | None,
     block_size: int,
     segment_size: int,
     threshold: float,
@@ -255,12 +279,16 @@ def _attention_op(
     permutation: str,
 ) -> torch.Tensor:
     cfg = PBSConfig(block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation)
+    if valid_keys is not None:
+        out = padded_attention(query, key, value, valid_keys, cfg, _pbs_attention, return_stats=False)
+    else:
+        out = _pbs_attention(query, key, value, cfg, return_stats=False)
     # The fake kernel promises a contiguous result; SDPA and flex follow the query's strides.
-    return _pbs_attention(query, key, value, cfg, return_stats=False).contiguous()
+    return out.contiguous()
 
 
 @_attention_op.register_fake
-def _(query, key, value, *options):
+def _(query, key, value, valid_keys, *options):
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
@@ -288,11 +316,13 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
             raise ValueError(f"{name} device {x.device} does not match query device {query.device}")
         if x.shape[0] != query.shape[0]:
             raise ValueError(f"{name} batch {x.shape[0]} does not match query batch {query.shape[0]}")
-        if x.shape[2] != query.shape[2]:
-            raise ValueError(
-                f"{name} seq_len {x.shape[2]} does not match query seq_len {query.shape[2]} "
-                "(causal prefill needs equal lengths)"
-            )
+    if key.shape[2] < query.shape[2]:
+        raise ValueError(
+            f"key seq_len {key.shape[2]} must be >= query seq_len {query.shape[2]} "
+            "(the queries are the last query-seq_len key positions)"
+        )
+    if value.shape[2] != key.shape[2]:
+        raise ValueError(f"value seq_len {value.shape[2]} does not match key seq_len {key.shape[2]}")
     if key.shape[3] != query.shape[3]:
         raise ValueError(f"key head_dim {key.shape[3]} does not match query head_dim {query.shape[3]}")
     if value.shape[1] != key.shape[1]:
@@ -303,17 +333,44 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         )
 
 
+def _dense_causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA with the causal mask aligned bottom-right (query i at key position N - Nq + i)."""
+    n_queries, seq_len = query.shape[2], key.shape[2]
+    if n_queries == seq_len:
+        return F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=True
+        )
+    # SDPA's is_causal is aligned top-left when Nq != N: state the mask instead.
+    mask = torch.ones(n_queries, seq_len, dtype=torch.bool, device=query.device)
+    mask = mask.tril(diagonal=seq_len - n_queries)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+
+
 def _density(tiles: torch.Tensor) -> torch.Tensor:
-    n_blocks = tiles.shape[-1]
-    return tiles.sum(dim=(-2, -1), dtype=torch.float32) / (n_blocks * (n_blocks + 1) / 2)
+    """Computed tiles over the causal tiles of the (query block, key block) rectangle: query
+    block i (aligned to key block nb - nbq + i) has nb - nbq + i + 1 causal key blocks."""
+    q_blocks, n_blocks = tiles.shape[-2:]
+    causal = q_blocks * (n_blocks - q_blocks) + q_blocks * (q_blocks + 1) / 2
+    return tiles.sum(dim=(-2, -1), dtype=torch.float32) / causal
 
 
 def _dense_stats(
-    batch: int, q_heads: int, perm_heads: int, seq_len: int, block_size: int, device: torch.device
+    batch: int,
+    q_heads: int,
+    perm_heads: int,
+    n_queries: int,
+    seq_len: int,
+    block_size: int,
+    device: torch.device,
 ) -> PBSStats:
     n_blocks = -(-seq_len // block_size)
-    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()
-    tiles = causal.expand(batch, q_heads, n_blocks, n_blocks).contiguous()
+    first_query_block = (seq_len - n_queries) // block_size if n_queries else n_blocks
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()[first_query_block:]
+    tiles = causal.expand(batch, q_heads, *causal.shape).contiguous()
     return PBSStats(
         block_mask=tiles,
         permutation=identity_permutation(batch, perm_heads, seq_len, device),
