@@ -126,7 +126,8 @@ class PBSConfig:
         return config
 
     def runs_dense(self, seq_len: int) -> bool:
-        """Whether ``seq_len`` tokens run dense causal attention instead of PBS (too short)."""
+        """Whether ``seq_len`` keys (the key length, also for a chunk) run dense causal attention
+        instead of PBS (too short)."""
         return seq_len <= self.segment_size or (self.min_seq_len is not None and seq_len < self.min_seq_len)
 
 
@@ -135,12 +136,15 @@ class PBSStats:
     """What one :func:`flexpbs.attention` call computed.
 
     Attributes:
-        block_mask: ``[B, Hq, nb, nb]`` bool, nb = ceil(N / block_size): tile
-            (query block, PERMUTED key block) is computed.
+        block_mask: ``[B, Hq, nbq, nb]`` bool, nb = ceil(N / block_size) key blocks: tile
+            (query block, PERMUTED key block) is computed. For prefill nbq = nb; for a chunk of
+            Nq queries, query block i holds the queries whose positions lie in key block
+            ``(N - Nq) // block_size + i``, so nbq = nb - (N - Nq) // block_size.
         permutation: ``[B, Hp, N]`` int64, the original position of the key at each
             permuted slot; Hp = Hkv for ``gqa="shared"`` or ``permutation="none"``, Hq for
             ``"per_head"``.
-        density: ``[B, Hq]`` float32, computed tiles / (nb * (nb + 1) / 2).
+        density: ``[B, Hq]`` float32, computed tiles / causal tiles of the rectangle, i.e.
+            / (nbq * (nb - nbq) + nbq * (nbq + 1) / 2), which is nb * (nb + 1) / 2 for prefill.
         dense: True when the call ran dense causal attention (short input).
         scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when none ran).
         sorted_rows: ``[B, Hp]`` bool, which permutation rows use the importance order (all with

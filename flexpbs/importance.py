@@ -2,7 +2,8 @@
 
 importance[j] = mean over the last ``block_size`` queries i (and, for gqa="shared", over the
 query heads of j's KV group) of softmax_j(scale * q_i . k_j), the softmax taken in float32
-over the keys of the complete segments only (no causal mask in this proxy).
+over the keys of the complete segments only (no causal mask in this proxy). For a chunk (fewer
+queries than keys) the rows are the chunk's last queries and the segments are laid on the keys.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def last_block_importance(
     """Importance of every key of the complete segments.
 
     Args:
-        query: ``[B, Hq, N, D]``.
-        key: ``[B, Hkv, N, D]``, Hq = G * Hkv.
-        block_size: rows of the last query block used as the proxy.
+        query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill).
+        key: ``[B, Hkv, N, D]``, Hq = G * Hkv, N >= Nq.
+        block_size: the last ``min(block_size, Nq)`` queries are the proxy.
         segment_size: only the first ``floor(N / segment_size) * segment_size`` keys are scored.
         scale: logit scale.
         per_query_head: one importance row per query head instead of per KV head.
@@ -44,8 +45,9 @@ def last_block_importance(
     batch, kv_heads, seq_len, _ = key.shape
     group = query.shape[1] // kv_heads
     n_complete = seq_len // segment_size * segment_size
-    rows = min(block_size, seq_len)
-    q_last = rearrange(query[:, :, seq_len - rows :], "b (k g) r d -> b k g r d", g=group)
+    n_queries = query.shape[2]
+    rows = min(block_size, n_queries)
+    q_last = rearrange(query[:, :, n_queries - rows :], "b (k g) r d -> b k g r d", g=group)
     keys = key[:, :, :n_complete]
 
     total = torch.zeros(batch, kv_heads, group, n_complete, dtype=torch.float32, device=key.device)

@@ -23,9 +23,10 @@ class PBSAttention(nn.Module):
             ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``, ``max_shrink``); not together with
             ``config``.
 
-    ``forward(query [B, Hq, N, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv]) -> [B, Hq, N, Dv]``
-    equals ``flexpbs.attention(query, key, value, config=self.config)``. The module has no
-    parameters or buffers.
+    ``forward(query [B, Hq, Nq, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv], valid_keys=None)
+    -> [B, Hq, Nq, Dv]`` equals ``flexpbs.attention(query, key, value, valid_keys=valid_keys,
+    config=self.config)`` (Nq < N: a chunk at the last key positions; ``valid_keys [B, N]``: key
+    padding). The module has no parameters or buffers.
 
     Raises:
         TypeError, ValueError: as :class:`PBSConfig` for bad options; ``config`` together with
@@ -36,8 +37,14 @@ class PBSAttention(nn.Module):
         super().__init__()
         self.config = PBSConfig.resolve(config, options)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return attention(query, key, value, config=self.config)
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        valid_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return attention(query, key, value, valid_keys=valid_keys, config=self.config)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -1,7 +1,11 @@
 """Dense, slow, obviously-right PBS attention in float32: the oracle the fast path is tested against.
 
 Written independently of the fast path: loops over heads, segments and blocks, Python sorting,
-and a token-level [N, N] mask. Use it only on small inputs.
+and a token-level [Nq, N] mask. Use it only on small inputs.
+
+Chunks: Nq <= N queries sit at the LAST Nq key positions (query i at key position N - Nq + i, the
+causal mask aligned bottom-right). Query block i is the set of queries whose positions lie in key
+block ``(N - Nq) // block_size + i``; everything else is stated on key positions as for prefill.
 """
 
 from __future__ import annotations
@@ -13,27 +17,38 @@ import torch
 from flexpbs.config import PBSConfig
 
 
-def token_mask(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> torch.Tensor:
+def _query_positions(n_queries: int, n: int) -> torch.Tensor:
+    """``[Nq]`` key position of each query: the queries are the last Nq positions."""
+    return torch.arange(n - n_queries, n)
+
+
+def token_mask(
+    tiles: torch.Tensor, perm: torch.Tensor, block_size: int, n_queries: int | None = None
+) -> torch.Tensor:
     """Token-level mask over ORIGINAL key positions.
 
     Args:
-        tiles: ``[B, Hq, nb, nb]`` bool (query block, permuted key block).
+        tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block).
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot, Hq a multiple of Hp.
+        n_queries: Nq, the number of queries (at the last Nq key positions); N when None.
 
     Returns:
-        ``[B, Hq, N, N]`` bool: query i attends key j iff j's permuted slot lies in a selected
-        tile of i's block and j <= i.
+        ``[B, Hq, Nq, N]`` bool: query i (at position p) attends key j iff j's permuted slot lies
+        in a selected tile of i's query block and j <= p.
     """
     batch, q_heads = tiles.shape[:2]
     n = perm.shape[-1]
+    n_queries = n if n_queries is None else n_queries
     group = q_heads // perm.shape[1]
-    mask = torch.zeros(batch, q_heads, n, n, dtype=torch.bool)
-    positions = torch.arange(n)
+    mask = torch.zeros(batch, q_heads, n_queries, n, dtype=torch.bool)
+    positions = _query_positions(n_queries, n)
+    query_block = positions // block_size - (n - n_queries) // block_size
+    slot_block = torch.arange(n) // block_size
     for b in range(batch):
         for h in range(q_heads):
             slots_pos = perm[b, h // group].cpu()
-            tile_rows = tiles[b, h].cpu()[positions // block_size]  # [N, nb]
-            allowed = tile_rows[:, positions // block_size]  # [N queries, N slots]
+            tile_rows = tiles[b, h].cpu()[query_block]  # [Nq, nb]
+            allowed = tile_rows[:, slot_block]  # [Nq queries, N slots]
             mask[b, h][:, slots_pos] = allowed & (slots_pos[None, :] <= positions[:, None])
     return mask
 
@@ -44,11 +59,11 @@ def masked_attention(
     """float32 softmax attention under a token mask.
 
     Args:
-        query: ``[B, Hq, N, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
-        mask: ``[B, Hq, N, N]`` bool over original key positions; every row needs a True.
+        query: ``[B, Hq, Nq, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
+        mask: ``[B, Hq, Nq, N]`` bool over original key positions; every row needs a True.
 
     Returns:
-        ``[B, Hq, N, Dv]`` float32 on the CPU.
+        ``[B, Hq, Nq, Dv]`` float32 on the CPU.
     """
     group = query.shape[1] // key.shape[1]
     q = query.detach().cpu().float()
@@ -59,17 +74,18 @@ def masked_attention(
 
 
 def importance(query: torch.Tensor, key: torch.Tensor, config: PBSConfig) -> torch.Tensor:
-    """``[B, Hp, Nc]`` float32: mean softmax of the last query block over the complete segments."""
-    batch, q_heads, n, d = query.shape
-    kv_heads = key.shape[1]
+    """``[B, Hp, Nc]`` float32: mean softmax of the last ``block_size`` queries (of the chunk) over
+    the complete segments of the keys."""
+    batch, q_heads, n_queries, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     scale = config.scale if config.scale is not None else d**-0.5
     n_complete = n // config.segment_size * config.segment_size
-    rows = min(config.block_size, n)
+    rows = min(config.block_size, n_queries)
     per_q_head = torch.zeros(batch, q_heads, n_complete)
     for b in range(batch):
         for h in range(q_heads):
-            q = query[b, h, n - rows :].cpu().float()
+            q = query[b, h, n_queries - rows :].cpu().float()
             k = key[b, h // group, :n_complete].cpu().float()
             per_q_head[b, h] = torch.softmax((q @ k.T) * scale, dim=-1).mean(dim=0)
     if config.gqa == "per_head":
@@ -93,22 +109,27 @@ def permutation(scores: torch.Tensor, n: int, segment_size: int) -> torch.Tensor
 def selection(
     query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config: PBSConfig
 ) -> torch.Tensor:
-    """``[B, Hq, nb, nb]`` bool tiles, one (batch, head, query block) at a time."""
-    batch, q_heads, n, d = query.shape
+    """``[B, Hq, nbq, nb]`` bool tiles, one (batch, head, query block) at a time; query block i
+    holds the queries whose positions lie in key block ``(N - Nq) // block_size + i``."""
+    batch, q_heads, n_queries, d = query.shape
+    n = key.shape[2]
     group = q_heads // perm.shape[1]
     kv_group = q_heads // key.shape[1]
     bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
     scale = config.scale if config.scale is not None else d**-0.5
     n_blocks = -(-n // bs)
-    tiles = torch.zeros(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool)
+    first_block = (n - n_queries) // bs
+    positions = _query_positions(n_queries, n)
+    tiles = torch.zeros(batch, q_heads, n_blocks - first_block, n_blocks, dtype=torch.bool)
     for b in range(batch):
         for h in range(q_heads):
             slots = perm[b, h // group].cpu()
             k_perm = key[b, h // kv_group].cpu().float()[slots]
             pooled_k = [k_perm[j * bs : (j + 1) * bs].mean(dim=0) for j in range(n_blocks)]
-            for i in range(n_blocks):
-                pooled_q = query[b, h, i * bs : (i + 1) * bs].cpu().float().mean(dim=0)
-                candidates = [j for j in range(n_blocks) if j // blocks_per_segment < i // blocks_per_segment]
+            for i, kb in enumerate(range(first_block, n_blocks)):  # kb: the key block of query block i
+                in_block = positions // bs == kb
+                pooled_q = query[b, h][in_block].cpu().float().mean(dim=0)
+                candidates = [j for j in range(n_blocks) if j // blocks_per_segment < kb // blocks_per_segment]
                 chosen: list[int] = []
                 if candidates:
                     logits = torch.stack([pooled_q @ pooled_k[j] for j in candidates]) * scale
@@ -120,10 +141,10 @@ def selection(
                             break
                         chosen.append(candidates[c])
                         mass += probs[c]
-                last_query = min((i + 1) * bs, n) - 1
+                last_query = int(positions[in_block].max())
                 for j in range(n_blocks):
                     block_pos = slots[j * bs : (j + 1) * bs]
-                    own = j // blocks_per_segment == i // blocks_per_segment
+                    own = j // blocks_per_segment == kb // blocks_per_segment
                     if (own and int(block_pos.min()) <= last_query) or bool((block_pos == 0).any()):
                         chosen.append(j)
                 tiles[b, h, i, chosen] = True
@@ -183,20 +204,25 @@ def pbs_attention(
     """The whole PBS algorithm, densely.
 
     Args:
-        query: ``[B, Hq, N, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
+        query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill);
+        key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
         config: options (defaults if None); ``min_seq_len`` and ``scorer`` are ignored.
 
     Returns:
-        ``(out [B, Hq, N, Dv] float32 CPU, tiles [B, Hq, nb, nb] bool, perm [B, Hp, N] int64)``.
-        For N <= segment_size: dense causal attention, all causal tiles, identity permutation.
+        ``(out [B, Hq, Nq, Dv] float32 CPU, tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64)``.
+        For N <= segment_size: dense causal attention (bottom-right aligned), all causal tiles,
+        identity permutation.
     """
     config = config or PBSConfig()
-    batch, q_heads, n, d = query.shape
+    batch, q_heads, n_queries, d = query.shape
+    n = key.shape[2]
     scale = config.scale if config.scale is not None else d**-0.5
     perm_heads = q_heads if config.gqa == "per_head" else key.shape[1]
     if n <= config.segment_size:
         n_blocks = -(-n // config.block_size)
-        tiles = torch.ones(batch, q_heads, n_blocks, n_blocks, dtype=torch.bool).tril()
+        first_block = (n - n_queries) // config.block_size
+        causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()[first_block:]
+        tiles = causal.repeat(batch, q_heads, 1, 1)
         perm = torch.arange(n).repeat(batch, perm_heads, 1)
     elif config.permutation == "none":
         perm = torch.arange(n).repeat(batch, key.shape[1], 1)
@@ -220,5 +246,6 @@ def pbs_attention(
     if n > config.segment_size and config.exact_last_block:
         rows = last_block(scores, perm, config)
         tiles[:, :, -1] |= rows.repeat_interleave(q_heads // perm.shape[1], dim=1)
-    out = masked_attention(query, key, value, token_mask(tiles, perm, config.block_size), scale)
+    mask = token_mask(tiles, perm, config.block_size, n_queries)
+    out = masked_attention(query, key, value, mask, scale)
     return out, tiles, perm

@@ -4,7 +4,9 @@ flex_attention is compiled once, with static shapes: on CPU, torch 2.13's induct
 to compile any mask_mod that indexes a table by a block of a dynamic length. Lengths are padded
 to buckets (8 per doubling) so a new prompt length recompiles only when it enters a new bucket.
 Padded query blocks get no tiles and padded keys sit after every query, so padding adds no work
-beyond copying the inputs when N is not already a bucket length.
+beyond copying the inputs when N is not already a bucket length. Query and key lengths are bucketed
+separately (a chunk has fewer queries than keys); a chunk's queries are also preceded by
+``offset % block_size`` dummy rows so that query blocks align with key blocks (their output is dropped).
 """
 
 from __future__ import annotations
@@ -40,27 +42,40 @@ def sparse_attention(
     *,
     block_size: int,
     scale: float,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Attention of original-order queries over permuted keys, on the selected tiles only.
 
     Args:
-        query: ``[B, Hq, N, D]``.
+        query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill).
         key_p: ``[B, Hp, N, D]`` and value_p ``[B, Hp, N, Dv]`` in permuted order, Hq a multiple of Hp.
-        tiles: ``[B, Hq, nb, nb]`` bool (query block, permuted key block) to compute.
+        tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block) to compute, query blocks
+            aligned to key blocks as in :func:`flexpbs.selection.select_tiles`.
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
+        kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
+            value compiles its own kernel.
 
     Returns:
-        ``[B, Hq, N, Dv]`` in ``query.dtype``.
+        ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
     """
-    n = query.shape[2]
-    pad = bucket_length(n, block_size) - n
-    if pad:
-        query, key_p, value_p = (F.pad(x, (0, 0, 0, pad)) for x in (query, key_p, value_p))
-        extra = torch.arange(n, n + pad, device=perm.device).expand(*perm.shape[:2], pad)
+    n_queries, n = query.shape[2], key_p.shape[2]
+    lead = (n - n_queries) % block_size  # dummy rows aligning query blocks to key blocks
+    q_total = lead + n_queries
+    q_pad = bucket_length(q_total, block_size) - q_total
+    kv_pad = bucket_length(n, block_size) - n
+    if lead or q_pad:
+        query = F.pad(query, (0, 0, lead, q_pad))
+    if kv_pad:
+        key_p, value_p = (F.pad(x, (0, 0, 0, kv_pad)) for x in (key_p, value_p))
+        extra = torch.arange(n, n + kv_pad, device=perm.device).expand(*perm.shape[:2], kv_pad)
         perm = torch.cat([perm, extra], dim=-1)  # padded keys come after every real query
-        block_pad = (n + pad) // block_size - tiles.shape[-1]
-        tiles = F.pad(tiles, (0, block_pad, 0, block_pad), value=False)
-    block_mask = build_block_mask(tiles, perm, block_size)
+    if q_pad or kv_pad:
+        rows = (q_total + q_pad) // block_size - tiles.shape[-2]
+        cols = (n + kv_pad) // block_size - tiles.shape[-1]
+        tiles = F.pad(tiles, (0, cols, 0, rows), value=False)
+    block_mask = build_block_mask(
+        tiles, perm, block_size, query_start=n - q_total, q_len=query.shape[2]
+    )
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = _compiled_flex_attention(
             query,
@@ -69,5 +84,6 @@ def sparse_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key_p.shape[1] != query.shape[1],
+            kernel_options=kernel_options,
         )
-    return out[:, :, :n] if pad else out
+    return out[:, :, lead:q_total] if lead or q_pad else out

@@ -38,11 +38,22 @@ def make_qkv(case: Case, dtype: torch.dtype = torch.float32, value_dim: int | No
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def sdpa_causal(q, k, v, scale=None):
-    """float32 dense causal attention with K/V repeated per query head."""
+def sdpa_causal(q, k, v, scale=None, valid_keys=None):
+    """float32 dense causal attention with K/V repeated per query head.
+
+    Queries are the last Nq of the N key positions (bottom-right causal mask); ``valid_keys [B, N]``
+    also masks padded keys, and query rows left without any key are zeros.
+    """
     group = q.shape[1] // k.shape[1]
     k, v = (x.float().repeat_interleave(group, dim=1) for x in (k, v))
-    return F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, scale=scale)
+    n_q, n = q.shape[2], k.shape[2]
+    if n_q == n and valid_keys is None:
+        return F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, scale=scale)
+    mask = torch.ones(n_q, n, dtype=torch.bool).tril(diagonal=n - n_q)
+    if valid_keys is not None:
+        mask = mask & valid_keys[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
 @st.composite
@@ -68,3 +79,20 @@ def cases(draw, max_len: int = 1100, sharp: bool = False) -> Case:
         seed=draw(st.integers(0, 2**31 - 1)),
         sharpness=draw(st.sampled_from([1.0, 2.0, 4.0])) if sharp else 1.0,
     )
+
+
+@st.composite
+def chunk_cases(draw, max_len: int = 1100, sharp: bool = False) -> tuple[Case, int]:
+    """A case whose ``seq_len`` is the key length N, and a query length 1 <= Nq <= N, often a chunk
+    that starts on a block boundary or just after one."""
+    case = draw(cases(max_len=max_len, sharp=sharp).filter(lambda c: c.seq_len >= 1))
+    n, block = case.seq_len, case.block_size
+    aligned = [n - s for s in range(0, n, block)]
+    n_queries = draw(
+        st.one_of(
+            st.integers(1, n),
+            st.sampled_from(aligned),
+            st.sampled_from([max(1, a - 1) for a in aligned] + [min(n, a + 1) for a in aligned]),
+        )
+    )
+    return case, n_queries

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
-from flexpbs import PBSConfig, reference
+from flexpbs import PBSConfig, api, reference
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
 from tests.helpers import Case, cases, make_qkv, sdpa_causal
@@ -170,3 +170,31 @@ def test_without_permutation_is_the_same_selector_on_the_original_order(case, th
                                rtol=0, atol=FP32_ATOL)
     if threshold == 1.0:
         torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("gqa", ["shared", "per_head"])
+def test_head_chunks_bounding_memory_give_the_same_result(gqa):
+    case = Case(batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3)
+    q, k, v = make_qkv(case)
+    cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, gqa=gqa)
+    whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(api, "_MIN_CHUNK_BYTES", 0)  # budget = 25% of q/k/v: forces chunks of KV heads
+        assert api._kv_heads_per_chunk(q, k, v, 64, gqa == "per_head") < case.kv_heads
+        chunked, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+        assert torch.equal(chunked, flexpbs.attention(q, k, v, config=cfg))
+    assert torch.equal(stats.block_mask, whole_stats.block_mask)
+    assert torch.equal(stats.permutation, whole_stats.permutation)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_tile_tables_stay_within_int32_indexing():
+    case = Case(batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4)
+    q, k, v = make_qkv(case)
+    tiles_per_kv_head = 2 * 11 * 11
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(api, "_MAX_TABLE_TILES", 2 * tiles_per_kv_head + 1)  # two KV heads fit, four do not
+        assert api._kv_heads_per_chunk(q, k, v, 64, False) == 2
+        m.setattr(api, "_MAX_TABLE_TILES", tiles_per_kv_head)
+        with pytest.raises(ValueError, match="int32"):
+            flexpbs.attention(q, k, v, block_size=64, segment_size=128)

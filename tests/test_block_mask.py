@@ -62,11 +62,43 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
     tile_view = padded.unflatten(2, (nb, block)).unflatten(4, (nb, block))  # [b,h,qi,r,kj,c]
     for h in range(2 * group):
         for qb in range(nb):
-            partial = set(kv_idx[0, h, qb, : kv_num[0, h, qb]].tolist())
-            full = set(full_idx[0, h, qb, : full_num[0, h, qb]].tolist())
+            partial_list = kv_idx[0, h, qb, : kv_num[0, h, qb]].tolist()
+            full_list = full_idx[0, h, qb, : full_num[0, h, qb]].tolist()
+            assert partial_list == sorted(set(partial_list)) and full_list == sorted(set(full_list))
+            partial, full = set(partial_list), set(full_list)
             assert not partial & full
             assert partial | full == set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
             rows = slice(0, min(block, n - qb * block))
             for kb in full:
                 cols = slice(0, min(block, n - kb * block))
                 assert tile_view[0, h, qb, rows, kb, cols].all()  # a full block is truly unmasked
+
+
+@settings(max_examples=60)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    group=st.sampled_from([1, 2]),
+    n=st.integers(1, 300),
+    block=st.sampled_from([16, 32, 64]),
+    seg_blocks=st.integers(1, 3),
+    data=st.data(),
+)
+def test_chunk_mask_mod_states_the_whole_token_mask(seed, group, n, block, seg_blocks, data):
+    """Queries at the last Nq positions, aligned to key blocks by dummy rows (dropped here)."""
+    n_queries = data.draw(st.integers(1, n))
+    offset = n - n_queries
+    lead, first = offset % block, offset // block
+    tiles, perm = _random_case(seed, 1, 2 * group, 2, n, block, block * seg_blocks)
+    tiles = tiles[:, :, first:]  # query block i is aligned to key block first + i
+    bm = build_block_mask(tiles, perm, block, query_start=offset - lead)
+    mask = create_mask(bm.mask_mod, 1, 2 * group, lead + n_queries, n, device="cpu")[:, :, lead:]
+    want = reference.token_mask(tiles, perm, block, n_queries)
+    group_of = perm.repeat_interleave(group, dim=1)
+    assert torch.equal(mask, want.gather(-1, group_of[:, :, None, :].expand_as(want)))
+    # a full block has every key before the block's first (aligned) row
+    first_row = offset - lead + torch.arange(tiles.shape[-2]) * block
+    last_pos = torch.nn.functional.pad(perm, (0, -n % block), value=-1).unflatten(-1, (-1, block)).amax(-1)
+    for h in range(2 * group):
+        for qb in range(tiles.shape[-2]):
+            for kb in bm.full_kv_indices[0, h, qb, : bm.full_kv_num_blocks[0, h, qb]].tolist():
+                assert last_pos[0, h // group, kb] <= first_row[qb]

@@ -109,6 +109,21 @@ def test_non_positive_scale(scale):
         torch.testing.assert_close(kernel_module._launch(q, k, **args, block_n=16, splits=3), want, **TOL)
 
 
+@pytest.mark.parametrize("n_queries", [1, 13, 40, 150])
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_chunk_queries_fewer_than_keys(n_queries, per_query_head):
+    # A chunk: the last n_queries queries score every complete segment of the 213 keys.
+    case = Case(batch=2, kv_heads=2, group=2, seq_len=213, head_dim=32, block_size=24, segment_size=40, seed=5)
+    q, k = _inputs(case, torch.float32)
+    q = q[:, :, 213 - n_queries :]
+    got, want = _both(q, k, case, per_query_head)
+    assert got.shape[-1] == 200
+    torch.testing.assert_close(got, want, **TOL)
+    # the fake kernel agrees on the shape
+    fake = kernel_module._importance_op_fake(q, k, 24, 40, 0.2, per_query_head)
+    assert fake.shape == got.shape
+
+
 def test_strided_inputs():
     # [B, N, H, D] activations viewed as [B, H, N, D], as attention layers usually pass them.
     case = Case(batch=1, kv_heads=2, group=2, seq_len=97, head_dim=64, block_size=32, segment_size=32, seed=4)

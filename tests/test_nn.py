@@ -31,6 +31,10 @@ def test_module_equals_function():
     want = flexpbs.attention(q, k, v, **OPTIONS)
     assert torch.equal(module(q, k, v), want)
     assert torch.equal(PBSAttention(PBSConfig(**OPTIONS))(q, k, v), want)
+    valid = torch.ones(1, 600, dtype=torch.bool)
+    valid[0, :10] = False
+    chunk = q[:, :, 300:]
+    assert torch.equal(module(chunk, k, v, valid), flexpbs.attention(chunk, k, v, valid_keys=valid, **OPTIONS))
     assert "threshold=0.9" in repr(module)
 
 
@@ -78,6 +82,22 @@ def test_attention_function_compiles_fullgraph_over_lengths():
         q, k, v = qkv(seq_len, seed=seq_len)
         torch.testing.assert_close(compiled(q, k, v), flexpbs.attention(q, k, v, **OPTIONS), rtol=0, atol=1e-5)
     assert counter.frame_count == 2  # static, then shape-generic
+
+
+def test_custom_op_takes_chunks_and_valid_keys_under_compile():
+    """flexpbs::attention accepts Nq < N and the optional valid_keys tensor (fake kernel included)."""
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(
+        lambda q, k, v, valid: flexpbs.attention(q, k, v, valid_keys=valid, **OPTIONS),
+        fullgraph=True, backend=counter,
+    )
+    q, k, v = qkv(600, seed=3)
+    q = q[:, :, 300:]  # a chunk: the last 300 of 600 positions
+    valid = torch.ones(1, 600, dtype=torch.bool)
+    valid[0, :50] = False  # left padding
+    got = compiled(q, k, v, valid)
+    assert counter.frame_count == 1 and got.shape == q.shape
+    torch.testing.assert_close(got, flexpbs.attention(q, k, v, valid_keys=valid, **OPTIONS), rtol=0, atol=1e-6)
 
 
 def test_stats_are_refused_inside_compile():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,7 @@ from flexpbs.selection import (
     select_tiles,
     threshold_tiles,
 )
-from tests.helpers import cases, make_qkv
+from tests.helpers import cases, chunk_cases, make_qkv
 
 
 def _pipeline(case, threshold, gqa="shared"):
@@ -99,6 +100,30 @@ def test_sink_and_own_segment_always_computed_and_nothing_in_the_future(case, th
             assert tiles[b, h, torch.arange(n) // case.block_size, own_block].all()
 
 
+@settings(max_examples=25)
+@given(chunk=chunk_cases(sharp=True).filter(lambda c: c[0].seq_len > c[0].segment_size),
+       threshold=st.sampled_from([0.3, 0.8, 0.9, 1.0]), gqa=st.sampled_from(["shared", "per_head"]))
+def test_chunk_selection_matches_reference_and_sees_nothing_in_the_future(chunk, threshold, gqa):
+    case, n_queries = chunk
+    q, k, v = make_qkv(case)
+    q = q[:, :, case.seq_len - n_queries :]
+    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa)
+    perm = segment_permutation(reference.importance(q, k, cfg), case.seq_len, case.segment_size)
+    k_p, _ = permute_kv(k, v, perm)
+    tiles = select_tiles(q, k_p, perm, block_size=case.block_size, segment_size=case.segment_size,
+                         threshold=threshold, scale=case.head_dim**-0.5)
+    assert torch.equal(tiles, reference.selection(q, k, perm, cfg))
+    # query block i is aligned to key block first + i; no tile lies wholly after its last query
+    first = (case.seq_len - n_queries) // case.block_size
+    nb = -(-case.seq_len // case.block_size)
+    assert tiles.shape[-2:] == (nb - first, nb)
+    group = tiles.shape[1] // perm.shape[1]
+    first_pos, _ = block_position_bounds(perm, case.block_size)
+    last_query = ((torch.arange(first, nb) + 1) * case.block_size).clamp_max(case.seq_len) - 1
+    visible = first_pos.repeat_interleave(group, dim=1)[:, :, None, :] <= last_query[:, None]
+    assert not (tiles & ~visible).any()
+
+
 def test_threshold_one_keeps_every_candidate_even_if_probabilities_underflow():
     probs = torch.tensor([[[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]])
     cand = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
@@ -113,3 +138,31 @@ def test_partial_last_block_is_pooled_over_real_tokens():
     x = torch.arange(10.0).view(1, 1, 10, 1)
     pooled = pool_blocks(x, 4)
     assert pooled.flatten().tolist() == [1.5, 5.5, 8.5]
+    # a chunk aligned to key blocks: 3 dummy rows lead the first block and are not pooled
+    assert pool_blocks(x, 4, lead=3).flatten().tolist() == [0.0, 2.5, 6.5, 9.0]
+    assert pool_blocks(x[:, :, :1], 4, lead=3).flatten().tolist() == [0.0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2049, 4096),
+    seg_blocks=st.sampled_from([1, 2, 3]),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+)
+def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, threshold):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, n, 16, generator=gen)
+    k_p = torch.randn(1, 2, n, 16, generator=gen)
+    perm = torch.arange(n).expand(1, 2, n)
+    options = dict(block_size=8, segment_size=8 * seg_blocks, threshold=threshold, scale=0.25)
+    chunk = q[:, :, 37:]  # a chunk: query blocks aligned to key blocks 4.. (offset 37, block 8)
+    banded = select_tiles(q, k_p, perm, **options)  # nb >= 257: several bands
+    banded_chunk = select_tiles(chunk, k_p, perm, **options)
+    nb = banded.shape[-1]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("flexpbs.selection._row_bands", lambda n_rows, bps, first=0: [(0, n_rows, first + n_rows)])
+        whole = select_tiles(q, k_p, perm, **options)
+        whole_chunk = select_tiles(chunk, k_p, perm, **options)
+    assert nb >= 257 and torch.equal(banded, whole)
+    assert torch.equal(banded_chunk, whole_chunk)

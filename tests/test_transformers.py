@@ -88,15 +88,92 @@ def test_threshold_from_model_config_and_stats(use, pbs, prompt):
     assert pbs.last_stats.permutation.shape == (1, 2, PROMPT_LEN)  # one permutation per KV head
 
 
-def test_padded_batch_short_prompt_and_grad_fall_back_to_sdpa(use, pbs, prompt):
-    ids = prompt.repeat(2, 1)
+def test_padded_batch_runs_pbs(use, pbs, prompt):
+    ids = prompt.repeat(3, 1)
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding in the second row
+    mask[2, 450:] = 0  # right padding in the third
     want = logits(use("sdpa"), ids, attention_mask=mask)
     got = logits(use("flexpbs"), ids, attention_mask=mask)
-    assert pbs.calls == {"mask": 2}
+    assert pbs.calls == {"pbs": 2}
+    assert isinstance(pbs.last_stats, list) and len(pbs.last_stats) == 3  # one PBSStats per sequence
+    assert pbs.last_stats[1].permutation.shape == (1, 2, PROMPT_LEN - 37)
+    real = mask.bool()  # padded positions differ (zeros vs SDPA's values), and no real token reads them
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+
+
+def test_batched_generate_with_left_padding(use, pbs, prompt):
+    ids = prompt.repeat(2, 1)
+    ids[1, :100] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0  # a 500-token prompt, left-padded to 600
+    kwargs = dict(max_new_tokens=3, do_sample=False, attention_mask=mask, pad_token_id=0)
+    want = use("sdpa").generate(ids, **kwargs)
+    got = use("flexpbs").generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    assert pbs.calls == {"pbs": 2, "not_prefill": 4}  # padded prefill by PBS, decoding by sdpa
+
+
+def chunked_prefill(model, ids, chunks):
+    cache = transformers.DynamicCache(config=model.config)
+    out, start = [], 0
+    with torch.no_grad():
+        for length in chunks:
+            out.append(model(ids[:, start : start + length], past_key_values=cache, use_cache=True).logits)
+            start += length
+    return torch.cat(out, dim=1)
+
+
+def test_chunked_prefill_with_a_cache_runs_pbs(use, pbs, prompt):
+    chunks = [256, 344]  # the second chunk: 344 queries over 600 keys
+    want = chunked_prefill(use("sdpa"), prompt, chunks)
+    got = chunked_prefill(use("flexpbs"), prompt, chunks)
+    assert pbs.calls == {"pbs": 4}
+    assert pbs.last_stats.block_mask.shape == (1, 4, 6, 10)  # (query blocks, key blocks) of 600 keys
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, logits(use("sdpa"), prompt), rtol=0, atol=1e-5)
+
+
+def test_short_chunks_and_static_cache_fall_back_to_sdpa(use, pbs, prompt):
+    chunks = [500, 100]  # a chunk of at most segment_size queries goes to SDPA
+    want = chunked_prefill(use("sdpa"), prompt, chunks)
+    got = chunked_prefill(use("flexpbs"), prompt, chunks)
+    assert pbs.calls == {"pbs": 2, "not_prefill": 2}
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    # A static cache has more key slots than tokens and no mask: transformers means SDPA's top-left
+    # causal mask there, not a chunk at the last key positions.
+    def static(model):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=PROMPT_LEN + 100)
+        return logits(model, prompt, past_key_values=cache, use_cache=True)
+
+    want = static(use("sdpa"))
+    got = static(use("flexpbs"))
+    assert "pbs" not in pbs.calls
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+
+def test_only_causal_and_padding_masks_are_recognised():
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.rand(3, 50, generator=gen) < 0.8
+    valid[:, -1] = True
+    for q_len in (50, 20, 1):
+        causal = torch.ones(q_len, 50, dtype=torch.bool).tril(50 - q_len)
+        mask = (causal & valid[:, None, :])[:, None]
+        assert torch.equal(fx._key_padding(mask, 3, q_len, 50), valid)
+        assert torch.equal(fx._key_padding(mask[:1], 3, q_len, 50), valid[:1].expand(3, 50))
+        top_left = torch.ones(q_len, 50, dtype=torch.bool).tril()
+        window = causal & ~torch.ones(q_len, 50, dtype=torch.bool).tril(50 - q_len - 8)
+        assert fx._key_padding(mask.float(), 3, q_len, 50) is None
+        if q_len == 1:
+            continue  # one row is always some padding mask (decoding never gets here: "not_prefill")
+        others = (window,) if q_len == 50 else (window, top_left)  # top-left = bottom-right for Nq == N
+        for other in others:
+            assert fx._key_padding(other.expand(3, 1, q_len, 50), 3, q_len, 50) is None
+    assert fx._key_padding(mask, 3, q_len, 51) is None  # shape mismatch
+
+
+def test_short_prompt_and_grad_fall_back_to_sdpa(use, pbs, prompt):
     short = prompt[:, :100]
     want = logits(use("sdpa"), short)
     got = logits(use("flexpbs"), short)

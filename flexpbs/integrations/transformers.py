@@ -5,16 +5,22 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flexpbs")
     # or: model.set_attn_implementation("flexpbs")
 
-The registered function runs :func:`flexpbs.attention` for causal prefill (query length == key
-length, no attention mask, ``module.is_causal``, no dropout, no autograd, longer than one segment)
-with K/V at their Hkv heads (GQA without ``repeat_kv``). Every other call (decoding, chunked
-prefill, padded batches, short prompts, dropout in training, gradients, non-causal modules, a
-``position_bias`` or paged cache) goes to transformers' own ``sdpa_attention_forward`` with the
-same arguments, so it computes exactly what ``attn_implementation="sdpa"`` computes. Masks are built
-as for "sdpa" (``sdpa_mask``), except that a plain causal mask with equal query and key lengths and no
-padding is always skipped (None), also under torch.compile, where transformers materialises it
-with torch < 2.14: the attention function sees ``attention_mask=None`` exactly when the batch has
-no padding, eagerly and compiled.
+The registered function runs :func:`flexpbs.attention` for causal prefill with K/V at their Hkv
+heads (GQA without ``repeat_kv``): a whole prompt, or a chunk of a prompt against a cache (more
+query tokens than ``segment_size``, the queries at the last key positions), without a mask or with
+a mask that is exactly the bottom-right causal mask AND a key padding mask (left or right padding,
+passed to flexpbs as ``valid_keys``); ``module.is_causal``, no dropout, no autograd, more keys than
+one segment. Every other call (decoding steps and chunks of at most ``segment_size`` tokens, other
+masks, short prompts, dropout in training, gradients, non-causal modules, a ``position_bias`` or
+paged cache, and any masked call inside torch.compile) goes to transformers' own
+``sdpa_attention_forward`` with the same arguments, so it computes exactly what
+``attn_implementation="sdpa"`` computes. Masks are built as for "sdpa" (``sdpa_mask``), except that
+a plain causal mask with equal query and key lengths and no padding is always skipped (None), also
+under torch.compile, where transformers materialises it with torch < 2.14. A materialised mask is
+checked against ``causal & padding`` in full (a read of the mask and a device sync, eager only); a
+padded batch then gives what each sequence alone gives on its real tokens, and query rows at padded
+positions are zeros (SDPA leaves other values there, which no real token reads). ``last_stats`` and
+``on_stats`` get a list of per-sequence PBSStats for a padded batch (see :func:`flexpbs.attention`).
 
 Options: ``register(config=...)`` or ``register(**options)`` give the defaults; a model whose config
 has a ``flexpbs`` dict (``model.config.flexpbs = {"threshold": 0.95}``) overrides them key by key.
@@ -41,13 +47,16 @@ from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
 
 FALLBACK_REASONS: dict[str, str] = {
-    "not_prefill": "query length != key length (decoding, chunked prefill, static cache slots)",
-    "mask": "an attention mask was passed (padding or a custom mask)",
+    "not_prefill": (
+        "query length < key length with at most segment_size queries (decoding, short chunks), or "
+        "without a mask (transformers then means SDPA's top-left causal mask: static cache slots)"
+    ),
+    "mask": "a mask other than bottom-right causal with key padding (or any mask inside torch.compile)",
     "not_causal": "the module or the call is not causal",
     "dropout": "attention dropout > 0 (training)",
     "grad": "inputs require grad with autograd enabled (PBS is inference-only)",
     "short": "at most segment_size tokens, or fewer than min_seq_len",
-    "unsupported": "position_bias or a paged cache",
+    "unsupported": "position_bias, a paged cache, or more queries than keys",
 }
 
 
@@ -59,7 +68,8 @@ class FlexPBSAttention:
         config: the registration's :class:`PBSConfig` (defaults for every model).
         calls: ``collections.Counter`` of eager calls per path: ``"pbs"`` or a key of
             :data:`FALLBACK_REASONS`.
-        last_stats: :class:`PBSStats` of the last eager PBS call (any layer), or None.
+        last_stats: :class:`PBSStats` of the last eager PBS call (any layer), a list of them
+            (one per sequence) for a padded batch, or None.
         on_stats: ``callable(layer_idx, stats)`` called after every eager PBS call, or None.
     """
 
@@ -67,13 +77,13 @@ class FlexPBSAttention:
         self,
         name: str,
         config: PBSConfig,
-        on_stats: Callable[[int | None, PBSStats], None] | None = None,
+        on_stats: Callable[[int | None, PBSStats | list[PBSStats]], None] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.on_stats = on_stats
         self.calls: collections.Counter[str] = collections.Counter()
-        self.last_stats: PBSStats | None = None
+        self.last_stats: PBSStats | list[PBSStats] | None = None
 
     def reset(self) -> None:
         """Clear ``calls`` and ``last_stats``."""
@@ -108,6 +118,14 @@ class FlexPBSAttention:
         config = self.config_for(module, scaling)
         reason = _fallback_reason(module, query, key, value, attention_mask, dropout, config, kwargs)
         compiling = torch.compiler.is_compiling()
+        valid_keys = None
+        if reason is None and attention_mask is not None:
+            if not compiling:  # recognising the mask reads it: eager only
+                valid_keys = _key_padding(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+            if valid_keys is None:
+                reason = "mask"
+            elif bool(valid_keys.all()):
+                valid_keys = None  # causal without padding (a chunk against a cache): one batched call
         if reason is not None:
             if not compiling:
                 self.calls[reason] += 1
@@ -118,7 +136,9 @@ class FlexPBSAttention:
         if compiling:
             out = attention(query, key, value, config=config)
         else:
-            out, stats = attention(query, key, value, config=config, return_stats=True)
+            out, stats = attention(
+                query, key, value, valid_keys=valid_keys, config=config, return_stats=True
+            )
             self.calls["pbs"] += 1
             self.last_stats = stats
             if self.on_stats is not None:
@@ -136,16 +156,17 @@ def _fallback_reason(
     config: PBSConfig,
     kwargs: dict,
 ) -> str | None:
-    """Why this call cannot run PBS (a key of FALLBACK_REASONS), or None when it can."""
-    seq_len = query.shape[2]
+    """Why this call cannot run PBS (a key of FALLBACK_REASONS), or None when it may (a mask
+    is then still to be recognised by :func:`_key_padding`)."""
+    q_len, seq_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or q_len > seq_len:
         return "unsupported"
-    if key.shape[2] != seq_len:
+    if q_len < seq_len and (config.runs_dense(q_len) or attention_mask is None):
         return "not_prefill"
-    if attention_mask is not None:
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         return "mask"
     if not is_causal:
         return "not_causal"
@@ -156,6 +177,41 @@ def _fallback_reason(
     if config.runs_dense(seq_len):
         return "short"
     return None
+
+
+# Elements of the mask compared per step when recognising causal + padding masks.
+_MASK_CHECK_ELEMENTS = 2**24
+
+
+def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """``valid_keys [B, N]`` when ``mask`` is exactly the bottom-right causal mask AND a key
+    padding mask, else None.
+
+    Args:
+        mask: transformers' boolean ``[B or 1, 1, Nq, N]`` mask (True = attend).
+
+    The last query sits at the last key position, so its row is the padding mask itself; the
+    whole mask is then compared with ``causal & padding`` in row chunks of bounded memory (one
+    read of the mask, and a device sync).
+    """
+    if (
+        mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[0] not in (1, batch)
+        or mask.shape[1] != 1
+        or mask.shape[2:] != (q_len, kv_len)
+    ):
+        return None
+    mask = mask[:, 0]
+    valid = mask[:, -1]
+    key_pos = torch.arange(kv_len, device=mask.device)
+    step = max(1, _MASK_CHECK_ELEMENTS // max(1, mask.shape[0] * kv_len))
+    for r0 in range(0, q_len, step):
+        q_pos = torch.arange(r0, min(r0 + step, q_len), device=mask.device) + (kv_len - q_len)
+        want = (key_pos[None, :] <= q_pos[:, None]) & valid[:, None, :]
+        if not torch.equal(mask[:, r0 : r0 + step], want):
+            return None
+    return valid.expand(batch, kv_len)
 
 
 def _causal_mask(*args, **kwargs) -> torch.Tensor | None:
@@ -181,7 +237,7 @@ def register(
     name: str = "flexpbs",
     config: PBSConfig | None = None,
     *,
-    on_stats: Callable[[int | None, PBSStats], None] | None = None,
+    on_stats: Callable[[int | None, PBSStats | list[PBSStats]], None] | None = None,
     **options,
 ) -> FlexPBSAttention:
     """Register PBS prefill attention with transformers under ``name``.

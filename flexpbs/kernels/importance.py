@@ -267,7 +267,10 @@ def _column_mass_kernel(
             # +inf for padding rows makes their probabilities exactly 0; padding columns are not stored.
             lse = tl.load(lse_base + flat, mask=row_ok, other=float("inf"))
             s = tl.dot(q, k_t, input_precision=PRECISION)
-            mass += tl.exp2(s * scale_log2 - lse[:, None])
+            # <= 0 in exact arithmetic; recomputed logits of ~1e9 can exceed the lse by rounding
+            # (fp32 spacing ~1e2 there), and exp2 of that overflows: clamp, keeping NaN.
+            exponent = tl.minimum(s * scale_log2 - lse[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            mass += tl.exp2(exponent)
         out_ptrs = out_ptr + batch.to(tl.int64) * stride_ob + out_head.to(tl.int64) * stride_oh + cols
         tl.store(out_ptrs, tl.sum(mass, 0) * inv_count, mask=col_ok)
 
@@ -442,16 +445,16 @@ def _launch(
     """Runs both passes; ``block_m``/``block_n``/``splits`` override the tiling (tests use them).
 
     Args:
-        query: ``[B, Hq, N, D]``.
-        key: ``[B, Hkv, N, D]``.
+        query: ``[B, Hq, Nq, D]``.
+        key: ``[B, Hkv, N, D]``, N >= Nq.
 
     Returns:
         ``[B, Hp, Nc]`` float32 (see :func:`triton_last_block_importance`).
     """
-    batch, q_heads, seq_len, head_dim = query.shape
+    batch, q_heads, seq_len, head_dim = query.shape  # seq_len: the query length, Nq
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    n_complete = seq_len // segment_size * segment_size
+    n_complete = key.shape[2] // segment_size * segment_size
     rows = min(block_size, seq_len)
     out_heads = q_heads if per_query_head else kv_heads
     out = torch.empty(batch, out_heads, n_complete, dtype=torch.float32, device=query.device)
@@ -487,9 +490,9 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, block_size: int, segme
     if query.device != key.device:
         raise ValueError(f"query and key must be on one device, got {query.device} and {key.device}")
     batch, q_heads, seq_len, head_dim = query.shape
-    if (key.shape[0], key.shape[2], key.shape[3]) != (batch, seq_len, head_dim) or q_heads % key.shape[1]:
+    if (key.shape[0], key.shape[3]) != (batch, head_dim) or key.shape[2] < seq_len or q_heads % key.shape[1]:
         raise ValueError(
-            f"key must have shape [{batch}, Hkv, {seq_len}, {head_dim}] with Hkv dividing {q_heads}, "
+            f"key must have shape [{batch}, Hkv, N >= {seq_len}, {head_dim}] with Hkv dividing {q_heads}, "
             f"got {list(key.shape)}"
         )
     if head_dim > _MAX_HEAD_DIM:
@@ -535,9 +538,10 @@ def _importance_op_fake(
     scale: float,
     per_query_head: bool,
 ) -> torch.Tensor:
-    batch, q_heads, seq_len, _ = query.shape
+    batch, q_heads = query.shape[:2]
     out_heads = q_heads if per_query_head else key.shape[1]
-    return query.new_empty((batch, out_heads, seq_len // segment_size * segment_size), dtype=torch.float32)
+    n_complete = key.shape[2] // segment_size * segment_size
+    return query.new_empty((batch, out_heads, n_complete), dtype=torch.float32)
 
 
 def triton_last_block_importance(
@@ -555,10 +559,10 @@ def triton_last_block_importance(
     ``torch.compile`` (a ``torch.library`` custom op, ``flexpbs::last_block_importance``).
 
     Args:
-        query: ``[B, Hq, N, D]`` float16, bfloat16 or float32, D <= 256; CUDA, or CPU under the
-            Triton interpreter.
-        key: ``[B, Hkv, N, D]``, Hq = G * Hkv, same dtype and device.
-        block_size: rows of the last query block used as the proxy (``min(block_size, N)`` rows).
+        query: ``[B, Hq, Nq, D]`` float16, bfloat16 or float32, D <= 256; CUDA, or CPU under the
+            Triton interpreter. The queries sit at the last Nq key positions (Nq = N for prefill).
+        key: ``[B, Hkv, N, D]``, Hq = G * Hkv, N >= Nq, same dtype and device.
+        block_size: rows of the last query block used as the proxy (``min(block_size, Nq)`` rows).
         segment_size: only the first ``Nc = floor(N / segment_size) * segment_size`` keys are scored.
         scale: logit scale.
         per_query_head: one importance row per query head instead of per KV head.

@@ -1,0 +1,109 @@
+"""GPU: what each speed lever buys, measured side by side on the synthetic workload.
+
+    PYTHONPATH=$PWD python bench/levers.py --lengths 32768 131072
+
+Levers: FlexAttention kernel_options for the attention stage (tile sizes, warps, pipeline stages);
+torch.compile of the selection stage; host synchronisations in one flexpbs call; capture of the whole
+call in a CUDA graph (replay time vs eager). Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+import flexpbs
+import flexpbs.selection as selection
+from flexpbs import PBSConfig
+from flexpbs.importance import key_importance
+from flexpbs.permutation import permute_kv, segment_permutation
+from flexpbs.sparse_attention import sparse_attention
+from attention import host_syncs
+from workloads import synthetic_qkv
+
+DEV = torch.device("cuda")
+KERNEL_OPTIONS = {
+    "default": None,
+    "128x128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "128x64 w8 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+}
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    args = parser.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    rows = []
+    for n in args.lengths:
+        q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
+        scale = 128**-0.5
+        imp = key_importance(q, k, block_size=128, segment_size=256, scale=scale, per_query_head=False, scorer="triton")
+        perm = segment_permutation(imp, n, 256)
+        k_p, v_p = permute_kv(k, v, perm)
+        sel = lambda: selection.select_tiles(  # noqa: E731
+            q, k_p, perm, block_size=128, segment_size=256, threshold=0.9, scale=scale)
+        tiles = sel()
+        density = tiles.float().sum().item() / (32 * tiles.shape[-1] * (tiles.shape[-1] + 1) / 2)
+        ref = sparse_attention(q, k_p, v_p, tiles, perm, block_size=128, scale=scale)
+        for name, opts in KERNEL_OPTIONS.items():
+            try:
+                fn = lambda: sparse_attention(  # noqa: E731
+                    q, k_p, v_p, tiles, perm, block_size=128, scale=scale, kernel_options=opts)
+                diff = (fn().float() - ref.float()).abs().max().item()
+                rows.append((n, f"attention kernel_options {name}", ms(fn), f"density {density:.3f}, diff {diff:.1e}"))
+            except Exception as e:  # a config that does not fit shared memory fails to compile
+                rows.append((n, f"attention kernel_options {name}", float("nan"), f"failed: {type(e).__name__}"))
+            print(rows[-1], flush=True)
+
+        rows.append((n, "select eager", ms(sel), ""))
+        eager_scores, eager_threshold = selection.block_scores, selection.threshold_tiles
+        try:
+            selection.block_scores = torch.compile(eager_scores, dynamic=False)
+            selection.threshold_tiles = torch.compile(eager_threshold, dynamic=False)
+            same = torch.equal(sel(), tiles)
+            rows.append((n, "select, block_scores + threshold_tiles compiled", ms(sel), f"same tiles {same}"))
+        except Exception as e:
+            rows.append((n, "select compiled", float("nan"), f"failed: {type(e).__name__}: {e}"[:200]))
+        finally:
+            selection.block_scores, selection.threshold_tiles = eager_scores, eager_threshold
+        print(rows[-1], flush=True)
+
+        cfg = PBSConfig()
+        call = lambda: flexpbs.attention(q, k, v, config=cfg)  # noqa: E731
+        call()
+        rows.append((n, "flexpbs eager call", ms(call), f"host syncs per call: {host_syncs(call)}"))
+        print(rows[-1], flush=True)
+        try:
+            static_out = call()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                call()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                static_out = call()
+            graph.replay()
+            diff = (static_out.float() - ref.float()).abs().max().item()
+            rows.append((n, "flexpbs in a CUDA graph (replay)", ms(graph.replay), f"diff vs eager {diff:.1e}"))
+        except Exception as e:
+            traceback.print_exc()
+            rows.append((n, "flexpbs in a CUDA graph", float("nan"), f"capture failed: {type(e).__name__}: {e}"[:200]))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    print("\n| N | lever | ms | note |\n|---|---|---|---|")
+    for n, name, t, note in rows:
+        print(f"| {n} | {name} | {t:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

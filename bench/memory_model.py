@@ -1,0 +1,218 @@
+"""Memory of each PBS stage, counted on the meta device (no memory, no GPU needed): any N.
+
+    PYTHONPATH=$PWD python bench/memory_model.py                       # B=1, Hq=32, Hkv=8, D=128, bf16
+    PYTHONPATH=$PWD python bench/memory_model.py --lengths 131072 524288 --gqa per_head
+
+``flexpbs.attention`` itself runs on meta tensors (its head chunking included) under a TorchDispatchMode
+that sees every tensor an op returns and, through weak references, when its storage dies: live bytes
+beyond q/k/v, their peak per stage and the largest tensors. This is what ``torch.cuda.max_memory_allocated``
+would count, minus allocator rounding and the workspaces kernels take internally (e.g. the GPU radix
+sort's temporary storage). Two stand-ins for what cannot run on meta: the Triton importance kernel
+allocates its output and per-row statistics (``--importance torch`` runs the PyTorch path, the CPU
+fallback, instead), and compiled FlexAttention its output and log-sum-exp. :func:`stage_probe` also
+serves bench/robustness.py, which measures the same stages on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import flexpbs
+import flexpbs.api
+import flexpbs.sparse_attention
+
+GiB = 2**30
+# (module, function, stage label), in pipeline order; the block mask is built inside the attention stage.
+STAGES = [
+    (flexpbs.api, "key_importance", "importance"),
+    (flexpbs.api, "segment_permutation", "permutation"),
+    (flexpbs.api, "permute_kv", "gather K/V"),
+    (flexpbs.api, "select_tiles", "selection"),
+    (flexpbs.sparse_attention, "build_block_mask", "block mask"),
+    (flexpbs.api, "sparse_attention", "mask + attention"),
+]
+
+
+class StageProbe:
+    """Peak and live bytes (beyond the bytes live at construction) per stage, over every call of it
+    (head chunks), from three functions: current bytes, peak bytes since the last reset, reset.
+
+    Stages nest (the block mask is built inside the attention stage): each open stage keeps the largest
+    peak seen before an inner stage reset the counter, so every stage and the whole call see their peak.
+    """
+
+    def __init__(self, current: Callable[[], int], peak: Callable[[], int], reset: Callable[[], None]):
+        self.current, self.peak, self.reset = current, peak, reset
+        self.base = current()
+        self.stages: dict[str, dict] = {}
+        self._open = [0]  # running peak of the whole call, then of each open stage
+        self.reset()
+
+    def enter(self, label: str) -> None:
+        self._open[-1] = max(self._open[-1], self.peak())
+        self.reset()
+        self._open.append(0)
+
+    def exit(self, label: str) -> None:
+        peak = max(self._open.pop(), self.peak())
+        row = self.stages.setdefault(label, dict(peak=0, after=0, calls=0))
+        row["peak"] = max(row["peak"], peak - self.base)
+        row["after"] = self.current() - self.base
+        row["calls"] += 1
+        self._open[-1] = max(self._open[-1], peak)
+
+    def whole_call_peak(self) -> int:
+        """Peak bytes beyond the base over everything since construction."""
+        return max(self._open[0], self.peak()) - self.base
+
+
+@contextlib.contextmanager
+def stage_probe(probe: StageProbe) -> Iterator[StageProbe]:
+    """Run ``flexpbs.attention`` with each pipeline stage reporting to ``probe``."""
+
+    def wrap(fn, label):
+        @functools.wraps(fn)
+        def staged(*args, **kwargs):
+            probe.enter(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                probe.exit(label)
+
+        return staged
+
+    with contextlib.ExitStack() as stack:
+        for module, name, label in STAGES:
+            stack.enter_context(mock.patch.object(module, name, wrap(getattr(module, name), label)))
+        yield probe
+
+
+class MemoryCensus(TorchDispatchMode):
+    """Live bytes of storages created by ops while active (storages that existed before excluded)."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.existing = {t.untyped_storage()._cdata for t in existing}
+        self.live: dict[int, list] = {}  # storage -> [bytes, python references, (bytes, op, shape)]
+        self.current = self.peak = self.top = 0
+        self.largest: list[tuple[int, str, tuple[int, ...]]] = []
+        self.at_top: list[tuple[int, str, tuple[int, ...]]] = []  # what was live at the overall peak
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, func)
+        return out
+
+    def _track(self, t: torch.Tensor, func) -> None:
+        key = t.untyped_storage()._cdata
+        if key in self.existing:
+            return
+        if key not in self.live:
+            size = t.untyped_storage().nbytes()
+            what = (size, func.__name__, tuple(t.shape))
+            self.live[key] = [size, 0, what]
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            self.largest.append(what)
+            if self.current > self.top:
+                self.top = self.current
+                self.at_top = sorted((entry[2] for entry in self.live.values()), reverse=True)
+        self.live[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+def _meta_flex_attention(query, key, value, *, block_mask, scale, enable_gqa, kernel_options=None):
+    """Stand-in for compiled FlexAttention on meta tensors: its output and log-sum-exp."""
+    torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)  # lse, freed on return
+    return query.new_empty(*query.shape[:3], value.shape[-1])
+
+
+def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, scorer):
+    """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
+    statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
+    batch, q_heads, n, _ = query.shape
+    rows = min(block_size, n)
+    torch.empty(2 * 16 + 1, batch * q_heads * rows, dtype=torch.float32, device=query.device)
+    heads = q_heads if per_query_head else key.shape[1]
+    return torch.empty(batch, heads, n // segment_size * segment_size, dtype=torch.float32, device=query.device)
+
+
+def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype, gqa: str,
+           threshold: float = 0.9, importance: str = "triton") -> tuple[dict, int, MemoryCensus]:
+    """(stages, whole-call peak bytes beyond q/k/v, the census: ``largest`` lists every tensor created,
+    ``at_top`` those live at the peak) of one ``flexpbs.attention`` call."""
+    q = torch.empty(batch, q_heads, n, d, device="meta", dtype=dtype)
+    k = torch.empty(batch, kv_heads, n, d, device="meta", dtype=dtype)
+    v = torch.empty_like(k)
+    scorer = contextlib.nullcontext()
+    if importance == "triton":
+        scorer = mock.patch.object(flexpbs.api, "key_importance", _meta_triton_importance)
+    with (mock.patch.object(flexpbs.sparse_attention, "_compiled_flex_attention", _meta_flex_attention),
+          scorer, MemoryCensus([q, k, v]) as seen):
+        probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
+        with stage_probe(probe):
+            out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, scorer="torch")
+        total = probe.whole_call_peak()
+        del out
+    return probe.stages, total, seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--gqa", default="shared", choices=["shared", "per_head"])
+    parser.add_argument("--importance", default="triton", choices=["triton", "torch"],
+                        help="the GPU kernel's allocations (stand-in) or the PyTorch path")
+    args = parser.parse_args()
+    dtype = torch.bfloat16
+    lines = []
+    for n in args.lengths:
+        stages, total, seen = census(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa,
+                                        importance=args.importance)
+        elem = dtype.itemsize
+        qkv = args.batch * n * args.head_dim * (args.q_heads + 2 * args.kv_heads) * elem
+        out = args.batch * n * args.head_dim * args.q_heads * elem
+        print(f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; live at the peak "
+              f"({total / GiB:.3f} GiB):")
+        for size, op, shape in seen.at_top[:8]:
+            print(f"  {size / GiB:7.3f} GiB  {op:28s} {list(shape)}")
+        print(f"  {sum(t[0] for t in seen.at_top[8:]) / GiB:7.3f} GiB  in {len(seen.at_top[8:])} smaller tensors")
+        for label, row in stages.items():
+            lines.append(f"| {n} | {label} | {row['calls']} | {row['peak'] / GiB:.3f} | {row['after'] / GiB:.3f} |")
+        extra = total - out
+        lines.append(f"| {n} | **whole call**: peak beyond q/k/v {total / GiB:.3f} GiB; beyond q/k/v/output "
+                     f"{extra / GiB:.3f} GiB = {extra / qkv:.2f} x q/k/v bytes | | | |")
+    print(f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}, "
+          f"threshold 0.9, importance {args.importance}; GiB beyond q/k/v, counted on the meta device\n")
+    print("| N | stage | calls | peak GiB | live after GiB |")
+    print("|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
