@@ -87,3 +87,18 @@ def test_reference_pipeline_with_every_option():
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
         assert torch.equal(stats.block_mask, ref_tiles) and torch.equal(stats.permutation, ref_perm)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=FP32_ATOL)
+
+
+def test_options_on_a_chunk_equal_the_reference():
+    """Chunked prefill (the last Nq of N queries): the guard and the exact last block still match."""
+    from tests.test_head_guard import hot_key_qkv
+
+    q, k, v = hot_key_qkv()
+    q = q[:, :, -300:]
+    for mode in (dict(max_shrink=0.0), dict(max_shrink=0.0, exact_last_block=True),
+                 dict(permutation="none", exact_last_block=True)):
+        cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, **mode)
+        out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
+        ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
+        assert torch.equal(stats.block_mask, ref_tiles) and torch.equal(stats.permutation, ref_perm)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=FP32_ATOL)
