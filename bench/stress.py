@@ -72,7 +72,7 @@ def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
     q, k, v = make_inputs(b, hq, hkv, n, d, case["dtype"], dev, seed=case["seed"], magnitude=magnitude)
     floor = 0 if case["chunked"] else flexpbs.api._MIN_CHUNK_BYTES
     with mock.patch.object(flexpbs.api, "_MIN_CHUNK_BYTES", floor):
-        chunks = hkv // flexpbs.api._kv_heads_per_chunk(q, k, v, cfg.block_size)
+        chunks = hkv // flexpbs.api._kv_heads_per_chunk(q, k, v, cfg.block_size, cfg.gqa == "per_head")
         out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(out.isfinite().all()), "non-finite output"
