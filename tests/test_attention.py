@@ -21,7 +21,7 @@ def assert_sparse(stats):
     assert (stats.block_mask.sum((-1, -2)) < causal_tiles.sum((-1, -2))).all()
 
 
-@settings(max_examples=30)
+@settings(max_examples=22)
 @given(case=cases(), gqa=st.sampled_from(["shared", "per_head"]))
 def test_threshold_one_equals_dense_causal_attention(case, gqa):
     q, k, v = make_qkv(case)
@@ -45,7 +45,7 @@ def assert_same_permutation_up_to_ties(perm, want, importance):
     torch.testing.assert_close(got_imp, want_imp, rtol=1e-5, atol=1e-9)
 
 
-@settings(max_examples=30)
+@settings(max_examples=22)
 @given(
     case=cases(sharp=True),
     threshold=st.sampled_from([0.2, 0.5, 0.8, 0.9, 0.95]),
