@@ -39,6 +39,7 @@ from flexpbs.importance import key_importance, resolve_scorer
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import candidate_tiles, forced_tiles, select_tiles
 from flexpbs.sparse_attention import _compiled_flex_attention, sparse_attention
+from checks import sample_rows
 from workloads import real_qkv, synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -67,14 +68,6 @@ def peak_extra_gib(fn) -> float:
     torch.cuda.synchronize()
     del out
     return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def sampled_rows(n: int, count: int) -> torch.Tensor:
-    """Query rows to check: the first, the last, block and segment edges, and random rows."""
-    gen = torch.Generator().manual_seed(n)
-    fixed = torch.tensor([0, 127, 128, 255, 256, n // 2, n - 129, n - 128, n - 1])
-    rows = torch.cat([fixed.clamp(0, n - 1), torch.randint(n, (count,), generator=gen)])
-    return rows.unique().to(DEV)
 
 
 def dense_rows(q, k, v, rows: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,7 +124,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
     scale = d**-0.5
     nb = -(-n // 128)
     causal_tiles = nb * (nb + 1) / 2
-    rows = sampled_rows(n, args.rows)
+    rows = torch.tensor(sample_rows(n, 128, 256, count=args.rows, seed=n), device=DEV)
     want = dense_rows(q, k, v, rows, scale)
     results = []
 

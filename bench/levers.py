@@ -13,7 +13,6 @@ import argparse
 import traceback
 
 import torch
-from triton.testing import do_bench
 
 import flexpbs
 import flexpbs.selection as selection
@@ -21,7 +20,7 @@ from flexpbs import PBSConfig
 from flexpbs.importance import key_importance
 from flexpbs.permutation import permute_kv, segment_permutation
 from flexpbs.sparse_attention import sparse_attention
-from attention import host_syncs
+from attention import host_syncs, ms
 from workloads import synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -30,10 +29,6 @@ KERNEL_OPTIONS = {
     "128x128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "128x64 w8 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
 }
-
-
-def ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main() -> None:

@@ -16,14 +16,10 @@ import os
 
 import torch
 import torch.distributed as dist
-from triton.testing import do_bench
 
 import flexpbs
+from attention import ms, peak_extra_gib
 from workloads import synthetic_qkv
-
-
-def timed(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main() -> None:
@@ -46,18 +42,15 @@ def main() -> None:
         qh = slice(rank * args.q_heads // world, (rank + 1) * args.q_heads // world)
         q_l, k_l, v_l = q[:, qh].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous()
         _, stats = flexpbs.attention(q_l, k_l, v_l, threshold=args.threshold, return_stats=True)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        flexpbs.attention(q_l, k_l, v_l, threshold=args.threshold)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        peak = peak_extra_gib(lambda: flexpbs.attention(q_l, k_l, v_l, threshold=args.threshold))
         dist.barrier()
-        local = timed(lambda: flexpbs.attention(q_l, k_l, v_l, threshold=args.threshold))
+        local = ms(lambda: flexpbs.attention(q_l, k_l, v_l, threshold=args.threshold))
         per_rank = [None] * world
         dist.all_gather_object(per_rank, (local, stats.density.mean().item(), peak))
         single = float("nan")
         if rank == 0:
             try:
-                single = timed(lambda: flexpbs.attention(q, k, v, threshold=args.threshold))
+                single = ms(lambda: flexpbs.attention(q, k, v, threshold=args.threshold))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
         rows.append((n, max(t for t, _, _ in per_rank), single, per_rank))
