@@ -125,4 +125,5 @@ def _sequence_stats(stats: PBSStats, b: int) -> PBSStats:
         block_mask=stats.block_mask[one],
         permutation=stats.permutation[one],
         density=stats.density[one],
+        sorted_rows=None if stats.sorted_rows is None else stats.sorted_rows[one],
     )

@@ -94,6 +94,7 @@ def test_all_true_mask_takes_the_batched_path():
     assert [s.block_mask.shape[0] for s in stats] == [1] * CASE.batch
     assert torch.equal(torch.cat([s.block_mask for s in stats]), want_stats.block_mask)
     assert torch.equal(torch.cat([s.density for s in stats]), want_stats.density)
+    assert torch.equal(torch.cat([s.sorted_rows for s in stats]), want_stats.sorted_rows)
 
 
 def test_fully_padded_rows_are_zeros_not_nan():
