@@ -4,7 +4,9 @@
 
 Levers: FlexAttention kernel_options for the attention stage (tile sizes, warps, pipeline stages);
 torch.compile of the selection stage; host synchronisations in one flexpbs call; capture of the whole
-call in a CUDA graph (replay time vs eager). Prints a markdown table last.
+call in a CUDA graph (replay time vs eager); the head-chunking memory floor (time and peak memory of a
+call when every call is split into one-KV-head chunks against the default floor). ``--levers`` picks
+some. Prints a markdown table last.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import traceback
 import torch
 
 import flexpbs
+import flexpbs.api as api
 import flexpbs.selection as selection
 from flexpbs import PBSConfig
 from flexpbs.importance import key_importance
 from flexpbs.permutation import permute_kv, segment_permutation
 from flexpbs.sparse_attention import sparse_attention
-from attention import host_syncs, ms
+from attention import host_syncs, ms, peak_extra_gib
 from workloads import synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -31,9 +34,36 @@ KERNEL_OPTIONS = {
 }
 
 
+LEVERS = ("kernel_options", "compile_select", "graph", "chunk_floor")
+
+
+def chunk_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+    """One call with the default head-chunking floor against one KV head per chunk (floor 0 and a
+    budget too small for two heads): time, peak memory beyond the inputs, and whether the output
+    is bitwise the same."""
+    n, rows = q.shape[2], []
+    inputs = sum(x.numel() * x.element_size() for x in (q, k, v))
+    call = lambda: flexpbs.attention(q, k, v)  # noqa: E731
+    ref = call()
+    default_floor = api._MIN_CHUNK_BYTES
+    for label, floor in (("default floor (1 GiB)", default_floor), ("floor 0 (25% of q/k/v)", 0)):
+        api._MIN_CHUNK_BYTES = floor
+        try:
+            heads = api._kv_heads_per_chunk(q, k, v, 128, False)
+            same = torch.equal(call(), ref)
+            extra = peak_extra_gib(call) - ref.numel() * ref.element_size() / 2**30
+            note = f"{8 // heads} chunks, extra beyond q/k/v/out {extra:.3f} GiB = {extra * 2**30 / inputs:.2f}x q/k/v, same {same}"
+            rows.append((n, f"head chunking, {label}", ms(call), note))
+        finally:
+            api._MIN_CHUNK_BYTES = default_floor
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     rows = []
@@ -48,51 +78,54 @@ def main() -> None:
         tiles = sel()
         density = tiles.float().sum().item() / (32 * tiles.shape[-1] * (tiles.shape[-1] + 1) / 2)
         ref = sparse_attention(q, k_p, v_p, tiles, perm, block_size=128, scale=scale)
-        for name, opts in KERNEL_OPTIONS.items():
+        if "kernel_options" in args.levers:
+            for name, opts in KERNEL_OPTIONS.items():
+                try:
+                    fn = lambda: sparse_attention(  # noqa: E731
+                        q, k_p, v_p, tiles, perm, block_size=128, scale=scale, kernel_options=opts)
+                    diff = (fn().float() - ref.float()).abs().max().item()
+                    rows.append((n, f"attention kernel_options {name}", ms(fn), f"density {density:.3f}, diff {diff:.1e}"))
+                except Exception as e:  # a config that does not fit shared memory fails to compile
+                    rows.append((n, f"attention kernel_options {name}", float("nan"), f"failed: {type(e).__name__}"))
+                print(rows[-1], flush=True)
+        if "compile_select" in args.levers:
+            rows.append((n, "select eager", ms(sel), ""))
+            eager_scores, eager_threshold = selection.block_scores, selection.threshold_tiles
             try:
-                fn = lambda: sparse_attention(  # noqa: E731
-                    q, k_p, v_p, tiles, perm, block_size=128, scale=scale, kernel_options=opts)
-                diff = (fn().float() - ref.float()).abs().max().item()
-                rows.append((n, f"attention kernel_options {name}", ms(fn), f"density {density:.3f}, diff {diff:.1e}"))
-            except Exception as e:  # a config that does not fit shared memory fails to compile
-                rows.append((n, f"attention kernel_options {name}", float("nan"), f"failed: {type(e).__name__}"))
+                selection.block_scores = torch.compile(eager_scores, dynamic=False)
+                selection.threshold_tiles = torch.compile(eager_threshold, dynamic=False)
+                same = torch.equal(sel(), tiles)
+                rows.append((n, "select, block_scores + threshold_tiles compiled", ms(sel), f"same tiles {same}"))
+            except Exception as e:
+                rows.append((n, "select compiled", float("nan"), f"failed: {type(e).__name__}: {e}"[:200]))
+            finally:
+                selection.block_scores, selection.threshold_tiles = eager_scores, eager_threshold
             print(rows[-1], flush=True)
-
-        rows.append((n, "select eager", ms(sel), ""))
-        eager_scores, eager_threshold = selection.block_scores, selection.threshold_tiles
-        try:
-            selection.block_scores = torch.compile(eager_scores, dynamic=False)
-            selection.threshold_tiles = torch.compile(eager_threshold, dynamic=False)
-            same = torch.equal(sel(), tiles)
-            rows.append((n, "select, block_scores + threshold_tiles compiled", ms(sel), f"same tiles {same}"))
-        except Exception as e:
-            rows.append((n, "select compiled", float("nan"), f"failed: {type(e).__name__}: {e}"[:200]))
-        finally:
-            selection.block_scores, selection.threshold_tiles = eager_scores, eager_threshold
-        print(rows[-1], flush=True)
-
-        cfg = PBSConfig()
-        call = lambda: flexpbs.attention(q, k, v, config=cfg)  # noqa: E731
-        call()
-        rows.append((n, "flexpbs eager call", ms(call), f"host syncs per call: {host_syncs(call)}"))
-        print(rows[-1], flush=True)
-        try:
-            static_out = call()
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                call()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
+        if "graph" in args.levers:
+            cfg = PBSConfig()
+            call = lambda: flexpbs.attention(q, k, v, config=cfg)  # noqa: E731
+            call()
+            rows.append((n, "flexpbs eager call", ms(call), f"host syncs per call: {host_syncs(call)}"))
+            print(rows[-1], flush=True)
+            try:
                 static_out = call()
-            graph.replay()
-            diff = (static_out.float() - ref.float()).abs().max().item()
-            rows.append((n, "flexpbs in a CUDA graph (replay)", ms(graph.replay), f"diff vs eager {diff:.1e}"))
-        except Exception as e:
-            traceback.print_exc()
-            rows.append((n, "flexpbs in a CUDA graph", float("nan"), f"capture failed: {type(e).__name__}: {e}"[:200]))
-        print(rows[-1], flush=True)
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    call()
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    static_out = call()
+                graph.replay()
+                diff = (static_out.float() - ref.float()).abs().max().item()
+                rows.append((n, "flexpbs in a CUDA graph (replay)", ms(graph.replay), f"diff vs eager {diff:.1e}"))
+            except Exception as e:
+                traceback.print_exc()
+                rows.append((n, "flexpbs in a CUDA graph", float("nan"), f"capture failed: {type(e).__name__}: {e}"[:200]))
+            print(rows[-1], flush=True)
+        if "chunk_floor" in args.levers:
+            rows += chunk_floor(q, k, v)
         torch.cuda.empty_cache()
 
     print("\n| N | lever | ms | note |\n|---|---|---|---|")
