@@ -65,7 +65,10 @@ def _stats_update(
             tile_max = tl.min(s, 1)
     # Every tile holds at least one valid key, so new_max is finite and no inf - inf appears.
     new_max = tl.maximum(row_max, tile_max * scale_log2)
-    p = tl.exp2(s * scale_log2 - new_max[:, None])
+    # <= 0 in exact arithmetic, but a fused multiply-add keeps the product unrounded while new_max
+    # was rounded: at logits ~1e10 the difference reaches hundreds and exp2 overflows. Clamp, keep NaN.
+    exponent = tl.minimum(s * scale_log2 - new_max[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    p = tl.exp2(exponent)
     if MASK_COLS:
         p = tl.where(col_ok[None, :], p, 0.0)
     row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(p, 1)
