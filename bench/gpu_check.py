@@ -40,7 +40,7 @@ def check_correctness() -> None:
         err = (out.cpu() - want).abs().max().item()
         same = torch.equal(ref_tiles, st.block_mask.cpu())
         k_p, v_p = permute_kv(k, v, st.permutation)
-        bm = build_block_mask(st.block_mask, st.permutation, 128)
+        bm = build_block_mask(st.block_mask, st.permutation, 128, 256)
         eager = flex_attention(q, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
         e_err = (eager - out).abs().max().item()
         print(f"threshold {thr} vs reference n={n} {gqa}: density {st.density.mean():.3f}, same tiles {same}, "

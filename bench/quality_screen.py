@@ -177,7 +177,7 @@ def pbs(q, k, v, scale, thr, S, mode):
         wt = window_tiles(perm, n, mode["W"], nb).repeat_interleave(Hq // perm.shape[1], 1)
         causal = torch.ones(nb, nb, dtype=torch.bool).tril()
         t = t | (wt & causal)
-    out = sparse_attention(q, kp, vp, t, perm, block_size=B, scale=scale)
+    out = sparse_attention(q, kp, vp, t, perm, block_size=B, segment_size=S, scale=scale)
     dens = t.sum((-2, -1), dtype=torch.float32) / (nb * (nb + 1) / 2)
     return out, dens
 

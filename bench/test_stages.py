@@ -56,9 +56,9 @@ def test_block_mask_build(benchmark, pipeline):
 
 def test_sparse_attention(benchmark, pipeline):
     p = pipeline
-    sparse_attention(p["q"], p["k_p"], p["v_p"], p["tiles"], p["perm"], block_size=BLOCK, scale=p["scale"])
+    sparse_attention(p["q"], p["k_p"], p["v_p"], p["tiles"], p["perm"], block_size=BLOCK, segment_size=SEGMENT, scale=p["scale"])
     benchmark(sparse_attention, p["q"], p["k_p"], p["v_p"], p["tiles"], p["perm"],
-              block_size=BLOCK, scale=p["scale"])
+              block_size=BLOCK, segment_size=SEGMENT, scale=p["scale"])
 
 
 def test_end_to_end(benchmark, pipeline):

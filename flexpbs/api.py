@@ -245,7 +245,9 @@ def _pbs_heads(
             threshold=cfg.threshold,
         )
         tiles[:, :, -1] |= last_row.repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
-    out = sparse_attention(query, key_p, value_p, tiles, perm, block_size=cfg.block_size, scale=scale)
+    out = sparse_attention(
+        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale
+    )
     return out, tiles, perm, sorted_rows
 
 

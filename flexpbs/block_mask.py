@@ -2,7 +2,9 @@
 
 Tiles whose keys all precede the block's first query (every selected earlier-segment tile) are
 FULL blocks: the kernel skips the mask there. The rest (own-segment tiles) are PARTIAL blocks,
-where the kernel evaluates the mask_mod: the causal test on ORIGINAL key positions.
+where the kernel evaluates the mask_mod: the causal test on ORIGINAL key positions. As keys move
+only inside segments, partial tiles lie in the query block's own segment: their lists are built
+from its few columns, not by sorting whole rows.
 
 Chunks (queries at the last key positions): key positions are counted from the position of query
 row 0 (``query_start``), so the causal test stays ``position <= q_idx`` for every offset. The mask_mod
@@ -15,6 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
 from flexpbs.permutation import block_position_bounds
+from flexpbs.selection import row_bands
 
 
 def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _mask_mod_signature:
@@ -43,26 +46,65 @@ def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _m
 _TILES_PER_STEP = 2**24
 
 
-def _ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ordered_blocks(
+    dense: torch.Tensor, bands: list[tuple[int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``[B, H, nq, nb]`` bool rows -> (counts ``[B, H, nq]``, indices ``[B, H, nq, nb]``) int32.
 
     Each row's indices list its selected blocks first, in ascending order (a stable argsort of
-    8-bit keys, faster on the GPU than a cumsum and scatter), a few heads at a time.
+    8-bit keys, faster on the GPU than a cumsum and scatter), a few heads at a time. ``bands``
+    gives (first row, end row, columns): rows r0..r1 have no block at or past ``columns``, so only
+    those columns are sorted; entries past a row's count are never read and stay 0.
     """
     counts = dense.sum(dim=-1, dtype=torch.int32)
-    order = torch.empty(dense.shape, dtype=torch.int32, device=dense.device)
-    tiles_per_head = dense.shape[0] * dense.shape[2] * dense.shape[3]
-    step = max(1, _TILES_PER_STEP // tiles_per_head)
-    for h0 in range(0, dense.shape[1], step):
-        chunk = dense[:, h0 : h0 + step].to(torch.uint8)
-        order[:, h0 : h0 + step] = torch.argsort(chunk, dim=-1, descending=True, stable=True)
+    order = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
+    for r0, r1, columns in bands:
+        tiles_per_head = dense.shape[0] * (r1 - r0) * columns
+        step = max(1, _TILES_PER_STEP // tiles_per_head)
+        for h0 in range(0, dense.shape[1], step):
+            chunk = dense[:, h0 : h0 + step, r0:r1, :columns].to(torch.uint8)
+            order[:, h0 : h0 + step, r0:r1, :columns] = torch.argsort(chunk, dim=-1, descending=True, stable=True)
     return counts, order
+
+
+def _own_segment_blocks(
+    tiles: torch.Tensor, all_before: torch.Tensor, first_block: int, blocks_per_segment: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_ordered_blocks` of the partial tiles (``tiles`` and not ``all_before``), which all lie
+    in the query block's own segment: only its ``blocks_per_segment`` columns are gathered and sorted.
+
+    Args:
+        tiles: ``[B, Hq, nbq, nb]`` bool; all_before: ``[B, Hp, nbq, nb]`` bool, Hq a multiple of Hp.
+    """
+    q_blocks, n_blocks = tiles.shape[-2:]
+    rows = torch.arange(q_blocks, device=tiles.device)
+    segment_start = (first_block + rows) // blocks_per_segment * blocks_per_segment
+    columns = segment_start[:, None] + torch.arange(blocks_per_segment, device=tiles.device)
+    in_range = columns < n_blocks  # the last segment may be cut short
+    columns = columns.clamp_max(n_blocks - 1)
+    before = all_before.gather(-1, columns.expand(*all_before.shape[:2], -1, -1))
+    selected = tiles.gather(-1, columns.expand(*tiles.shape[:2], -1, -1))
+    partial = selected & ~before.repeat_interleave(tiles.shape[1] // all_before.shape[1], dim=1) & in_range
+    order = torch.argsort(partial.to(torch.uint8), dim=-1, descending=True, stable=True)
+    indices = torch.zeros(tiles.shape, dtype=torch.int32, device=tiles.device)
+    listed = min(blocks_per_segment, n_blocks)  # a segment longer than the input lists nb blocks
+    indices[..., :listed] = columns.expand_as(order).gather(-1, order)[..., :listed]
+    return partial.sum(dim=-1, dtype=torch.int32), indices
+
+
+def _full_bands(q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int) -> list[tuple[int, int, int]]:
+    """:func:`row_bands` of the query blocks; a band's tiles end with the segment of its last row."""
+    return [
+        (r0, r1, min(n_blocks, ((first_block + r1 - 1) // blocks_per_segment + 1) * blocks_per_segment))
+        for r0, r1 in row_bands(0, q_blocks)
+    ]
 
 
 def build_block_mask(
     tiles: torch.Tensor,
     perm: torch.Tensor,
     block_size: int,
+    segment_size: int,
     *,
     query_start: int = 0,
     q_len: int | None = None,
@@ -70,10 +112,12 @@ def build_block_mask(
     """BlockMask computing exactly ``tiles`` with the causal test on original positions.
 
     Args:
-        tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block).
-        perm: ``[B, Hp, N]`` int64 original position at each permuted slot, Hq a multiple of Hp.
-        query_start: original key position of query row 0; query row r sits at position
-            ``query_start + r`` (0 for prefill; a block boundary for a chunk).
+        tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block). Tiles in segments after
+            the query block's own are dropped: they hold no key it may see.
+        perm: ``[B, Hp, N]`` int64 original position at each permuted slot, permuting only inside
+            segments of ``segment_size``; Hq a multiple of Hp.
+        query_start: original key position of query row 0, a multiple of ``block_size``; query row
+            r sits at position ``query_start + r`` (0 for prefill; a block boundary for a chunk).
         q_len: query length, ``N - query_start`` when None; ``nbq = ceil(q_len / block_size)``.
 
     Returns:
@@ -82,14 +126,15 @@ def build_block_mask(
     """
     n = perm.shape[-1]
     q_len = n - query_start if q_len is None else q_len
-    group = tiles.shape[1] // perm.shape[1]
+    batch, q_heads, q_blocks, n_blocks = tiles.shape
+    first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
     _, last_pos = block_position_bounds(perm, block_size)
-    first_query = query_start + torch.arange(tiles.shape[-2], device=perm.device) * block_size
+    first_query = query_start + torch.arange(q_blocks, device=perm.device) * block_size
     all_before = last_pos[:, :, None, :] <= first_query[:, None]
-    full = tiles & all_before.repeat_interleave(group, dim=1)
-    partial = tiles & ~full
-    kv_num, kv_idx = _ordered_blocks(partial)
-    full_num, full_idx = _ordered_blocks(full)
+    by_perm_row = tiles.view(batch, perm.shape[1], -1, q_blocks, n_blocks)
+    full = (by_perm_row & all_before[:, :, None]).view(tiles.shape)
+    kv_num, kv_idx = _own_segment_blocks(tiles, all_before, first_block, blocks_per_segment)
+    full_num, full_idx = _ordered_blocks(full, _full_bands(q_blocks, n_blocks, first_block, blocks_per_segment))
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -55,12 +55,23 @@ def permute_kv(
     copies = perm.shape[1] // kv_heads
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        b, _, n, d = x.shape
-        src = x.unsqueeze(2).expand(b, kv_heads, copies, n, d)
+        words = _as_words(x)
+        b, _, n, d = words.shape
+        src = words.unsqueeze(2).expand(b, kv_heads, copies, n, d)
         idx = perm.view(b, kv_heads, copies, n, 1).expand(b, kv_heads, copies, n, d)
-        return torch.gather(src, 3, idx).view(b, kv_heads * copies, n, d)
+        out = torch.gather(src, 3, idx).view(b, kv_heads * copies, n, d)
+        return out.view(x.dtype)
 
     return gather(key), gather(value)
+
+
+def _as_words(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed as int64 words when its rows allow it, else ``x``: moving whole rows bitwise,
+    the gather then handles 4x fewer elements of half-precision rows (measured faster on the GPU)."""
+    try:
+        return x.view(torch.int64)
+    except RuntimeError:  # rows not a multiple of 8 bytes, or unaligned strides
+        return x
 
 
 def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,20 +84,26 @@ def block_scores(
     Returns:
         ``[B, Hq, nbq, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
     """
-    group = pooled_q.shape[1] // pooled_k.shape[1]
-    q = rearrange(pooled_q, "b (k g) i d -> b k g i d", g=group)
-    logits = torch.einsum("bkgid,bkjd->bkgij", q, pooled_k) * scale
-    logits = rearrange(logits, "b k g i j -> b (k g) i j").masked_fill(~candidates, float("-inf"))
+    batch, kv_heads = pooled_k.shape[:2]
+    group = pooled_q.shape[1] // kv_heads
+    # One GEMM scales the logits and adds the candidate mask (0 or -inf, one row per query block
+    # of each query head of a KV group): fewer kernel launches than einsum, scale and masked_fill.
+    bias = torch.where(candidates, 0.0, float("-inf")).repeat(group, 1)
+    q = rearrange(pooled_q, "b (k g) i d -> (b k) (g i) d", g=group)
+    k = rearrange(pooled_k, "b k j d -> (b k) d j")
+    logits = torch.baddbmm(bias, q, k, alpha=scale)
+    probs = rearrange(logits.softmax(dim=-1), "(b k) (g i) j -> b (k g) i j", b=batch, g=group)
     # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
-    return logits.softmax(dim=-1).nan_to_num_(0.0)
+    return probs.nan_to_num_(0.0)
 
 
 def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
     """Smallest prefix of candidates, in descending probability, whose mass reaches ``threshold``.
 
     Args:
-        probs: ``[B, H, nbq, nb]`` float32 from :func:`block_scores`.
-        candidates: ``[nbq, nb]`` bool.
+        probs: ``[B, H, nbq, nb]`` float32 from :func:`block_scores`: 0 off the candidates.
+        candidates: ``[nbq, nb]`` bool, each row a prefix of the columns (the blocks of earlier
+            segments, as :func:`candidate_tiles` gives).
         threshold: in (0, 1]. 1.0 keeps every candidate: every softmax probability is positive
             in exact arithmetic, even where float32 rounds the running sum up to 1 early.
 
@@ -105,16 +111,25 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
         ``[B, H, nbq, nb]`` bool. If the mass never reaches the threshold (rounding), all
         candidates are kept. Ties keep the lower block index first.
     """
+    tiles = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    _threshold_into(tiles, probs, candidates, threshold)
+    return tiles
+
+
+def _threshold_into(
+    out: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor, threshold: float
+) -> None:
+    """:func:`threshold_tiles` written into ``out`` (a bool view of the same shape, any strides)."""
     if threshold >= 1.0:
-        return candidates.expand(probs.shape).clone()
-    # Non-candidates sort after every candidate, including candidates whose probability underflowed.
-    sort_key = probs.masked_fill(~candidates, -1.0)
-    ordered, order = torch.sort(sort_key, dim=-1, descending=True, stable=True)
-    mass = ordered.clamp_min(0.0).cumsum(dim=-1)
-    needed = (mass < threshold).sum(dim=-1, keepdim=True) + 1
-    needed = torch.minimum(needed, candidates.sum(dim=-1, keepdim=True))
+        out.copy_(candidates.expand(out.shape))
+        return
+    # A stable descending sort puts the candidates first: non-candidates have probability 0 and,
+    # as a row's candidates are a prefix, larger indices than its zero-probability candidates.
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    below = (ordered.cumsum(dim=-1) < threshold).sum(dim=-1, keepdim=True)  # rank that reaches it
     rank = torch.arange(probs.shape[-1], device=probs.device)
-    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank < needed)
+    # rank < (row's number of candidates) is candidates[row, rank], by the prefix property
+    out.scatter_(-1, order, (rank <= below) & candidates)
 
 
 def forced_tiles(
@@ -142,24 +157,30 @@ def forced_tiles(
     return own | sink
 
 
+def row_bands(first_row: int, end_row: int) -> list[tuple[int, int]]:
+    """Rows ``first_row..end_row`` split into up to 8 bands of at least 128 rows (one if fewer).
+
+    Causal rows grow with their index, so a band's work can stop at the columns its last row
+    needs: about 56% of the work of whole rows with 8 bands, for a few more kernel launches.
+    """
+    if end_row <= first_row:
+        return []
+    step = -(-(end_row - first_row) // max(1, min(8, (end_row - first_row) // 128)))
+    return [(r0, min(r0 + step, end_row)) for r0 in range(first_row, end_row, step)]
+
+
 def _row_bands(
     n_blocks: int, blocks_per_segment: int, first_query_block: int = 0
 ) -> list[tuple[int, int, int]]:
-    """(first row, end row, candidate columns) of up to 8 bands of the ``n_blocks`` query blocks.
-
-    Rows of a band only have candidates before the segment of its last row (query block r lies in
-    key block ``first_query_block + r``), so each band scores and sorts only those columns: about
-    56% of the work of whole rows with 8 bands. Short inputs keep one band (fewer kernel launches).
-    """
-    n_bands = max(1, min(8, n_blocks // 128))
-    step = -(-n_blocks // n_bands)
-    bands = []
-    for r0 in range(0, n_blocks, step):
-        r1 = min(r0 + step, n_blocks)
-        columns = (first_query_block + r1 - 1) // blocks_per_segment * blocks_per_segment
-        if columns:
-            bands.append((r0, r1, columns))
-    return bands
+    """(first row, end row, candidate columns) of the :func:`row_bands` of the ``n_blocks`` query
+    blocks that have candidates (rows of the first segment have none and get no band): rows of a
+    band only have candidates before the segment of its last row (query block r lies in key block
+    ``first_query_block + r``)."""
+    first_row = max(0, blocks_per_segment - first_query_block)
+    return [
+        (r0, r1, (first_query_block + r1 - 1) // blocks_per_segment * blocks_per_segment)
+        for r0, r1 in row_bands(first_row, n_blocks)
+    ]
 
 
 def select_tiles(
@@ -193,16 +214,18 @@ def select_tiles(
     candidates = candidate_tiles(n_blocks, block_size, segment_size, query.device, first_query_block)
     forced = forced_tiles(perm, block_size, segment_size, first_query_block)
 
-    tiles = forced.repeat_interleave(group, dim=1)
+    tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
     bands = _row_bands(q_blocks, segment_size // block_size, first_query_block)
     for r0, r1, columns in bands:
         band = candidates[r0:r1, :columns]
-        per_head = batch * (r1 - r0) * columns * 16  # probs, sort key, sorted values, int64 order
+        per_head = batch * (r1 - r0) * columns * 20  # probs, sorted values, their sums, int64 order
         step = max(1, _CHUNK_BYTES // per_head // group) * group
         for h0 in range(0, q_heads, step):
             h1 = min(h0 + step, q_heads)
             probs = block_scores(
                 pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns], band, scale
             )
-            tiles[:, h0:h1, r0:r1, :columns] |= threshold_tiles(probs, band, threshold)
+            _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold)
+    by_perm_row = tiles.view(batch, forced.shape[1], -1, q_blocks, n_blocks)
+    by_perm_row |= forced[:, :, None]
     return tiles

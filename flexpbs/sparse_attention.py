@@ -41,6 +41,7 @@ def sparse_attention(
     perm: torch.Tensor,
     *,
     block_size: int,
+    segment_size: int,
     scale: float,
     kernel_options: dict | None = None,
 ) -> torch.Tensor:
@@ -51,7 +52,8 @@ def sparse_attention(
         key_p: ``[B, Hp, N, D]`` and value_p ``[B, Hp, N, Dv]`` in permuted order, Hq a multiple of Hp.
         tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block) to compute, query blocks
             aligned to key blocks as in :func:`flexpbs.selection.select_tiles`.
-        perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
+        perm: ``[B, Hp, N]`` int64 original position at each permuted slot, permuting only inside
+            segments of ``segment_size`` keys.
         kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
             value compiles its own kernel.
 
@@ -74,7 +76,7 @@ def sparse_attention(
         cols = (n + kv_pad) // block_size - tiles.shape[-1]
         tiles = F.pad(tiles, (0, cols, 0, rows), value=False)
     block_mask = build_block_mask(
-        tiles, perm, block_size, query_start=n - q_total, q_len=query.shape[2]
+        tiles, perm, block_size, segment_size, query_start=n - q_total, q_len=query.shape[2]
     )
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = _compiled_flex_attention(

@@ -92,7 +92,7 @@ def test_eager_and_compiled_flex_agree(case, threshold, gqa):
     )
     assert_sparse(stats)
     k_p, v_p = permute_kv(k, v, stats.permutation)
-    bm = build_block_mask(stats.block_mask, stats.permutation, case.block_size)
+    bm = build_block_mask(stats.block_mask, stats.permutation, case.block_size, case.segment_size)
     eager = flex_attention(q, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
     torch.testing.assert_close(out, eager, rtol=0, atol=FP32_ATOL)
 

@@ -49,7 +49,7 @@ def test_mask_mod_states_the_whole_token_mask(seed, batch, perm_heads, group, n,
 )
 def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n, block, seg_blocks):
     tiles, perm = _random_case(seed, 1, 2 * group, 2, n, block, block * seg_blocks)
-    bm = build_block_mask(tiles, perm, block)
+    bm = build_block_mask(tiles, perm, block, block * seg_blocks)
     kv_num, kv_idx = bm.kv_num_blocks, bm.kv_indices
     full_num, full_idx = bm.full_kv_num_blocks, bm.full_kv_indices
     for t in (kv_num, kv_idx, full_num, full_idx):
@@ -57,6 +57,9 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
     assert kv_idx.shape == full_idx.shape == tiles.shape
 
     nb = tiles.shape[-1]
+    # Tiles of later segments hold no visible key (keys move only inside segments): not listed.
+    segment = torch.arange(nb) // seg_blocks
+    listable = tiles & (segment[None, :] <= segment[:, None])
     token = create_mask(bm.mask_mod, 1, 2 * group, n, n, device="cpu")
     padded = torch.nn.functional.pad(token, (0, nb * block - n, 0, nb * block - n))
     tile_view = padded.unflatten(2, (nb, block)).unflatten(4, (nb, block))  # [b,h,qi,r,kj,c]
@@ -67,7 +70,7 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
             assert partial_list == sorted(set(partial_list)) and full_list == sorted(set(full_list))
             partial, full = set(partial_list), set(full_list)
             assert not partial & full
-            assert partial | full == set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
+            assert partial | full == set(torch.nonzero(listable[0, h, qb]).flatten().tolist())
             rows = slice(0, min(block, n - qb * block))
             for kb in full:
                 cols = slice(0, min(block, n - kb * block))
@@ -90,7 +93,7 @@ def test_chunk_mask_mod_states_the_whole_token_mask(seed, group, n, block, seg_b
     lead, first = offset % block, offset // block
     tiles, perm = _random_case(seed, 1, 2 * group, 2, n, block, block * seg_blocks)
     tiles = tiles[:, :, first:]  # query block i is aligned to key block first + i
-    bm = build_block_mask(tiles, perm, block, query_start=offset - lead)
+    bm = build_block_mask(tiles, perm, block, block * seg_blocks, query_start=offset - lead)
     mask = create_mask(bm.mask_mod, 1, 2 * group, lead + n_queries, n, device="cpu")[:, :, lead:]
     want = reference.token_mask(tiles, perm, block, n_queries)
     group_of = perm.repeat_interleave(group, dim=1)
@@ -98,7 +101,46 @@ def test_chunk_mask_mod_states_the_whole_token_mask(seed, group, n, block, seg_b
     # a full block has every key before the block's first (aligned) row
     first_row = offset - lead + torch.arange(tiles.shape[-2]) * block
     last_pos = torch.nn.functional.pad(perm, (0, -n % block), value=-1).unflatten(-1, (-1, block)).amax(-1)
+    segment = torch.arange(tiles.shape[-1]) // seg_blocks
+    own_segment = segment[first:, None]  # of each query block's key block
+    listable = tiles & (segment[None, :] <= own_segment)
     for h in range(2 * group):
         for qb in range(tiles.shape[-2]):
-            for kb in bm.full_kv_indices[0, h, qb, : bm.full_kv_num_blocks[0, h, qb]].tolist():
+            full = bm.full_kv_indices[0, h, qb, : bm.full_kv_num_blocks[0, h, qb]].tolist()
+            partial = bm.kv_indices[0, h, qb, : bm.kv_num_blocks[0, h, qb]].tolist()
+            assert not set(full) & set(partial)
+            assert set(full) | set(partial) == set(torch.nonzero(listable[0, h, qb]).flatten().tolist())
+            for kb in full:
                 assert last_pos[0, h // group, kb] <= first_row[qb]
+
+
+def _listed(num: torch.Tensor, idx: torch.Tensor, nb: int) -> torch.Tensor:
+    """Dense bool tiles from block lists; asserts each list is strictly ascending."""
+    rank = torch.arange(idx.shape[-1])
+    valid = rank < num[..., None].long()
+    steps = idx[..., 1:].long() - idx[..., :-1].long()
+    assert (steps > 0)[valid[..., 1:]].all()
+    counts = torch.zeros(*idx.shape[:-1], nb, dtype=torch.long).scatter_add_(-1, idx.long(), valid.long())
+    return counts > 0
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), seg_blocks=st.integers(1, 3), n_queries=st.sampled_from([4096, 3000]))
+def test_block_lists_of_long_inputs_banded_by_rows(seed, seg_blocks, n_queries):
+    """512 key blocks: the full lists are sorted in several row bands, the partial ones per segment."""
+    n, block = 4096, 8
+    offset = n - n_queries
+    first = offset // block
+    tiles, perm = _random_case(seed, 1, 4, 2, n, block, block * seg_blocks)
+    tiles = tiles[:, :, first:]
+    bm = build_block_mask(tiles, perm, block, block * seg_blocks, query_start=first * block)
+    nb = tiles.shape[-1]
+    segment = torch.arange(nb) // seg_blocks
+    listable = tiles & (segment[None, :] <= segment[first:, None])
+    last_pos = perm.unflatten(-1, (-1, block)).amax(-1).repeat_interleave(2, dim=1)  # [1, 4, nb]
+    first_row = (first + torch.arange(tiles.shape[-2])) * block
+    all_before = last_pos[:, :, None, :] <= first_row[:, None]
+    full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nb)
+    partial = _listed(bm.kv_num_blocks, bm.kv_indices, nb)
+    assert torch.equal(full, listable & all_before)
+    assert torch.equal(partial, listable & ~all_before)

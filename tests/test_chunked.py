@@ -128,7 +128,9 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
     offset = case.seq_len - n_queries
     lead = offset % case.block_size
     k_p, v_p = permute_kv(k, v, stats.permutation)
-    bm = build_block_mask(stats.block_mask, stats.permutation, case.block_size, query_start=offset - lead)
+    bm = build_block_mask(
+        stats.block_mask, stats.permutation, case.block_size, case.segment_size, query_start=offset - lead
+    )
     q_aligned = F.pad(q, (0, 0, lead, 0))  # dummy rows align query blocks with key blocks
     eager = flex_attention(q_aligned, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
     torch.testing.assert_close(out, eager[:, :, lead:], rtol=0, atol=FP32_ATOL)

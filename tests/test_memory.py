@@ -65,7 +65,7 @@ def test_eager_stages_allocate_only_linear_tensors():
         perm = segment_permutation(imp, N, SEGMENT)
         k_p, v_p = permute_kv(k, v, perm)
         tiles = select_tiles(q, k_p, perm, block_size=BLOCK, segment_size=SEGMENT, threshold=0.9, scale=scale)
-        build_block_mask(tiles, perm, BLOCK)
+        build_block_mask(tiles, perm, BLOCK, SEGMENT)
     # The largest is the importance pass's [Hq, block, N] float32 probabilities (PyTorch path; the
     # Triton kernel keeps O(N)), or a copy of the query; a token square would be N * N = 32x that.
     assert seen.elements <= max(q.numel(), q.shape[1] * BLOCK * N), (seen.elements, seen.op)
