@@ -4,7 +4,8 @@
 
 Levers: FlexAttention kernel_options for the attention stage (tile sizes, warps, pipeline stages);
 torch.compile of the selection stage; host synchronisations in one flexpbs call; capture of the whole
-call in a CUDA graph (replay time vs eager); the head-chunking memory floor (time and peak memory of a
+call in a CUDA graph (replay time vs eager); the number of row bands of the selection and block
+lists; the head-chunking memory floor (time and peak memory of a
 call when every call is split into one-KV-head chunks against the default floor). ``--levers`` picks
 some. Prints a markdown table last.
 """
@@ -34,7 +35,7 @@ KERNEL_OPTIONS = {
 }
 
 
-LEVERS = ("kernel_options", "compile_select", "graph", "chunk_floor")
+LEVERS = ("kernel_options", "compile_select", "graph", "chunk_floor", "bands")
 
 
 def chunk_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
@@ -61,6 +62,22 @@ def chunk_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple
         finally:
             api._MIN_CHUNK_BYTES = default_floor
         print(rows[-1], flush=True)
+    return rows
+
+
+def band_count(q, k, v, sel, tiles) -> list[tuple]:
+    """Selection and block lists work in row bands: fewer launches against less sorting."""
+    n, rows, default = q.shape[2], [], selection._MAX_BANDS
+    call = lambda: flexpbs.attention(q, k, v)  # noqa: E731
+    for bands in (1, 2, 4, 8):
+        selection._MAX_BANDS = bands
+        try:
+            same = torch.equal(sel(), tiles)
+            rows.append((n, f"at most {bands} row bands: select", ms(sel), f"same tiles {same}"))
+            rows.append((n, f"at most {bands} row bands: whole call", ms(call), ""))
+        finally:
+            selection._MAX_BANDS = default
+        print(rows[-2:], flush=True)
     return rows
 
 
@@ -130,6 +147,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         if "chunk_floor" in args.levers:
             rows += chunk_floor(q, k, v)
+        if "bands" in args.levers:
+            rows += band_count(q, k, v, sel, tiles)
         torch.cuda.empty_cache()
 
     print("\n| N | lever | ms | note |\n|---|---|---|---|")

@@ -157,15 +157,19 @@ def forced_tiles(
     return own | sink
 
 
+# Row bands per selection or block-list pass: each band is a few more kernel launches.
+_MAX_BANDS = 8
+
+
 def row_bands(first_row: int, end_row: int) -> list[tuple[int, int]]:
-    """Rows ``first_row..end_row`` split into up to 8 bands of at least 128 rows (one if fewer).
+    """Rows ``first_row..end_row`` split into up to ``_MAX_BANDS`` bands of at least 128 rows.
 
     Causal rows grow with their index, so a band's work can stop at the columns its last row
     needs: about 56% of the work of whole rows with 8 bands, for a few more kernel launches.
     """
     if end_row <= first_row:
         return []
-    step = -(-(end_row - first_row) // max(1, min(8, (end_row - first_row) // 128)))
+    step = -(-(end_row - first_row) // max(1, min(_MAX_BANDS, (end_row - first_row) // 128)))
     return [(r0, min(r0 + step, end_row)) for r0 in range(first_row, end_row, step)]
 
 

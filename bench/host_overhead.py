@@ -1,0 +1,91 @@
+"""GPU: host (CPU) time of each flexpbs stage, and whether a stage waits for the GPU.
+
+    PYTHONPATH=$PWD python bench/host_overhead.py --lengths 32768 131072
+
+Each stage is called while the GPU is still busy with a ~0.5 s sleep kernel: the host time it takes
+is then its launch overhead, unless it waits for the GPU (a hidden synchronisation, e.g. an
+allocator call), which shows up as ~500 ms. Also prints the host ops of one whole call, by self
+CPU time. When the host time of a call exceeds its GPU kernel time, the GPU idles between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import flexpbs
+from flexpbs.block_mask import build_block_mask
+from flexpbs.importance import key_importance
+from flexpbs.permutation import permute_kv, segment_permutation
+from flexpbs.selection import select_tiles
+from flexpbs.sparse_attention import sparse_attention
+from workloads import synthetic_qkv
+
+DEV = torch.device("cuda")
+SLEEP_CYCLES = 10**9  # ~0.5 s on an H100
+
+
+def host_ms(fn, reps: int = 5) -> float:
+    """Median host milliseconds of ``fn()`` issued behind a sleeping GPU."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.cuda.synchronize()
+    print(f"sleep kernel: {(time.perf_counter() - t0) * 1e3:.0f} ms", flush=True)
+    rows = []
+    for n in args.lengths:
+        q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
+        scale = 128**-0.5
+        opts = dict(block_size=128, segment_size=256)
+        imp = key_importance(q, k, **opts, scale=scale, per_query_head=False, scorer="triton")
+        perm = segment_permutation(imp, n, 256)
+        k_p, v_p = permute_kv(k, v, perm)
+        tiles = select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=scale)
+        stages = {
+            "importance": lambda: key_importance(q, k, **opts, scale=scale, per_query_head=False, scorer="triton"),
+            "permute": lambda: permute_kv(k, v, segment_permutation(imp, n, 256)),
+            "select": lambda: select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=scale),
+            "mask": lambda: build_block_mask(tiles, perm, 128, 256),
+            "mask + flex call": lambda: sparse_attention(q, k_p, v_p, tiles, perm, **opts, scale=scale),
+            "whole call": lambda: flexpbs.attention(q, k, v),
+        }
+        for name, fn in stages.items():
+            fn()
+            rows.append((n, name, host_ms(fn)))
+            print(rows[-1], flush=True)
+        flexpbs.attention(q, k, v)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            flexpbs.attention(q, k, v)
+            torch.cuda.synchronize()
+        print(f"\nN={n}: host ops of one call by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+        del q, k, v, k_p, v_p, tiles
+        torch.cuda.empty_cache()
+    print("\n| N | stage | host ms (behind a busy GPU) |\n|---|---|---|")
+    for n, name, t in rows:
+        print(f"| {n} | {name} | {t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
