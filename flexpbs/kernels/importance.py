@@ -52,7 +52,7 @@ def _stats_update(
     if UPCAST:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    # The max of the raw products, scaled afterwards, lets exp2 take one fused multiply-add per logit.
+    # The max of the raw products, scaled afterwards: one multiply per row for the max.
     if MASK_COLS:
         if POSITIVE_SCALE:
             tile_max = tl.max(tl.where(col_ok[None, :], s, float("-inf")), 1)
@@ -65,10 +65,10 @@ def _stats_update(
             tile_max = tl.min(s, 1)
     # Every tile holds at least one valid key, so new_max is finite and no inf - inf appears.
     new_max = tl.maximum(row_max, tile_max * scale_log2)
-    # <= 0 in exact arithmetic, but a fused multiply-add keeps the product unrounded while new_max
-    # was rounded: at logits ~1e10 the difference reaches hundreds and exp2 overflows. Clamp, keep NaN.
-    exponent = tl.minimum(s * scale_log2 - new_max[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
-    p = tl.exp2(exponent)
+    # The launch disables FMA contraction: s * scale_log2 is then rounded as in new_max, so the row
+    # max gets exponent exactly 0 (an unrounded product differs by up to half an ulp of the logit,
+    # hundreds at 1e10: exp2 then overflowed, or flushed every term of the row to 0).
+    p = tl.exp2(s * scale_log2 - new_max[:, None])
     if MASK_COLS:
         p = tl.where(col_ok[None, :], p, 0.0)
     row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(p, 1)
@@ -381,6 +381,7 @@ def _row_lse(
         POSITIVE_SCALE=scale_log2 >= 0,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        enable_fp_fusion=False,  # see _stats_update
         **_common(query),
     )
     # One small kernel rather than a chain of torch ops: short inputs are bound by launch overhead.
