@@ -33,6 +33,25 @@ def bucket_length(seq_len: int, block_size: int) -> int:
     return -(-padded // block_size) * block_size
 
 
+# FlexAttention's GPU kernels step through a BlockMask block in tiles of up to 128 tokens (their
+# default on the H100 for half precision); a block that is not a multiple of the tile fails to lower.
+_MAX_GPU_TILE = 128
+
+
+def flex_kernel_options(device_type: str, block_size: int, kernel_options: dict | None) -> dict | None:
+    """``kernel_options`` with GPU tiles that divide ``block_size`` (given ones are kept).
+
+    Raises:
+        ValueError: on CUDA, ``block_size`` not a multiple of 16 (the smallest Triton dot tile).
+    """
+    if device_type != "cuda" or block_size % _MAX_GPU_TILE == 0:
+        return kernel_options
+    tile = min(block_size & -block_size, _MAX_GPU_TILE)  # largest power of two dividing block_size
+    if tile < 16:
+        raise ValueError(f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}")
+    return {"BLOCK_M": tile, "BLOCK_N": tile, **(kernel_options or {})}
+
+
 def sparse_attention(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -86,6 +105,6 @@ def sparse_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key_p.shape[1] != query.shape[1],
-            kernel_options=kernel_options,
+            kernel_options=flex_kernel_options(query.device.type, block_size, kernel_options),
         )
     return out[:, :, lead:q_total] if lead or q_pad else out

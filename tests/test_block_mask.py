@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,3 +145,17 @@ def test_block_lists_of_long_inputs_banded_by_rows(seed, seg_blocks, n_queries):
     partial = _listed(bm.kv_num_blocks, bm.kv_indices, nb)
     assert torch.equal(full, listable & all_before)
     assert torch.equal(partial, listable & ~all_before)
+
+
+def test_gpu_kernel_tiles_divide_the_block_size():
+    """FlexAttention's GPU kernels fail to lower when their tile does not divide the block."""
+    from flexpbs.sparse_attention import flex_kernel_options
+
+    assert flex_kernel_options("cuda", 128, None) is None
+    assert flex_kernel_options("cuda", 256, {"num_warps": 8}) == {"num_warps": 8}
+    assert flex_kernel_options("cuda", 64, None) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex_kernel_options("cuda", 96, {"num_stages": 2}) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2}
+    assert flex_kernel_options("cuda", 64, {"BLOCK_M": 32}) == {"BLOCK_M": 32, "BLOCK_N": 64}
+    assert flex_kernel_options("cpu", 8, None) is None
+    with pytest.raises(ValueError, match="block_size must be a multiple of 16"):
+        flex_kernel_options("cuda", 24, None)
