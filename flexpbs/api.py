@@ -171,7 +171,9 @@ def _pbs_head_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """:func:`_pbs_heads` a few KV heads (and their query heads) at a time, to bound extra memory.
 
-    Exact: every stage works per KV head. Tiles and permutations are kept only if ``keep_stats``.
+    Every stage works per KV head: the same tiles and permutations as one call (the output may differ
+    in rounding on the GPU, where FlexAttention is compiled for fewer heads). Tiles and permutations
+    are kept only if ``keep_stats``.
     """
     group = query.shape[1] // key.shape[1]
     out = query.new_empty(*query.shape[:3], value.shape[-1])

@@ -59,3 +59,23 @@ def test_block_position_bounds_ignore_padding():
     first, last = block_position_bounds(perm, 2)
     assert first.tolist() == [[[0, 1, 4]]]
     assert last.tolist() == [[[3, 2, 4]]]
+
+
+@settings(max_examples=30)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    head_dim=st.integers(1, 12),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_permute_kv_copies_rows_bitwise_whatever_their_width(dtype, head_dim, transposed, seed):
+    """Rows of a multiple of 8 bytes move as int64 words, others element by element: same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, 7, 3, head_dim) if transposed else (2, 3, 7, head_dim)
+    key = torch.randn(shape, generator=gen).to(dtype)
+    key = key.transpose(1, 2) if transposed else key  # [2, 3, 7, D], strided
+    perm = torch.stack([torch.randperm(7, generator=gen) for _ in range(6)]).view(2, 3, 7)
+    key_p, value_p = permute_kv(key, key[..., : max(1, head_dim - 1)], perm)
+    want = torch.stack([torch.stack([key[b, h, perm[b, h]] for h in range(3)]) for b in range(2)])
+    assert key_p.dtype == dtype and torch.equal(key_p.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(value_p.view(torch.uint8), want[..., : max(1, head_dim - 1)].contiguous().view(torch.uint8))
