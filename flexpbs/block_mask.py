@@ -3,8 +3,8 @@
 Tiles whose keys all precede the block's first query (every selected earlier-segment tile) are
 FULL blocks: the kernel skips the mask there. The rest (own-segment tiles) are PARTIAL blocks,
 where the kernel evaluates the mask_mod: the causal test on ORIGINAL key positions. As keys move
-only inside segments, partial tiles lie in the query block's own segment: their lists are built
-from its few columns, not by sorting whole rows.
+only inside segments, partial tiles lie in the query block's own segment and full ones before its
+end: the lists of a band of query blocks are sorted over that band's window of columns only.
 
 Chunks (queries at the last key positions): key positions are counted from the position of query
 row 0 (``query_start``), so the causal test stays ``position <= q_idx`` for every offset. The mask_mod
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
-from flexpbs.permutation import block_position_bounds
+from flexpbs.permutation import block_last_positions
 from flexpbs.selection import row_bands
 
 
@@ -47,57 +47,41 @@ _TILES_PER_STEP = 2**24
 
 
 def _ordered_blocks(
-    dense: torch.Tensor, bands: list[tuple[int, int, int]]
+    dense: torch.Tensor, bands: list[tuple[int, int, int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``[B, H, nq, nb]`` bool rows -> (counts ``[B, H, nq]``, indices ``[B, H, nq, nb]``) int32.
 
     Each row's indices list its selected blocks first, in ascending order (a stable argsort of
     8-bit keys, faster on the GPU than a cumsum and scatter), a few heads at a time. ``bands``
-    gives (first row, end row, columns): rows r0..r1 have no block at or past ``columns``, so only
-    those columns are sorted; entries past a row's count are never read and stay 0.
+    gives (first row, end row, first column, end column): only a band's column window is counted
+    and sorted; entries past a row's count are never read and stay 0.
     """
-    counts = dense.sum(dim=-1, dtype=torch.int32)
+    counts = torch.zeros(dense.shape[:-1], dtype=torch.int32, device=dense.device)
     order = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
-    for r0, r1, columns in bands:
-        tiles_per_head = dense.shape[0] * (r1 - r0) * columns
-        step = max(1, _TILES_PER_STEP // tiles_per_head)
+    for r0, r1, c0, c1 in bands:
+        step = max(1, _TILES_PER_STEP // (dense.shape[0] * (r1 - r0) * (c1 - c0)))
         for h0 in range(0, dense.shape[1], step):
-            chunk = dense[:, h0 : h0 + step, r0:r1, :columns].to(torch.uint8)
-            order[:, h0 : h0 + step, r0:r1, :columns] = torch.argsort(chunk, dim=-1, descending=True, stable=True)
+            chunk = dense[:, h0 : h0 + step, r0:r1, c0:c1]
+            counts[:, h0 : h0 + step, r0:r1] = chunk.sum(dim=-1, dtype=torch.int32)
+            listed = order[:, h0 : h0 + step, r0:r1, : c1 - c0]
+            listed.copy_(torch.argsort(chunk.to(torch.uint8), dim=-1, descending=True, stable=True))
+            if c0:
+                listed += c0
     return counts, order
 
 
-def _own_segment_blocks(
-    tiles: torch.Tensor, all_before: torch.Tensor, first_block: int, blocks_per_segment: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_ordered_blocks` of the partial tiles (``tiles`` and not ``all_before``), which all lie
-    in the query block's own segment: only its ``blocks_per_segment`` columns are gathered and sorted.
-
-    Args:
-        tiles: ``[B, Hq, nbq, nb]`` bool; all_before: ``[B, Hp, nbq, nb]`` bool, Hq a multiple of Hp.
-    """
-    q_blocks, n_blocks = tiles.shape[-2:]
-    rows = torch.arange(q_blocks, device=tiles.device)
-    segment_start = (first_block + rows) // blocks_per_segment * blocks_per_segment
-    columns = segment_start[:, None] + torch.arange(blocks_per_segment, device=tiles.device)
-    in_range = columns < n_blocks  # the last segment may be cut short
-    columns = columns.clamp_max(n_blocks - 1)
-    before = all_before.gather(-1, columns.expand(*all_before.shape[:2], -1, -1))
-    selected = tiles.gather(-1, columns.expand(*tiles.shape[:2], -1, -1))
-    partial = selected & ~before.repeat_interleave(tiles.shape[1] // all_before.shape[1], dim=1) & in_range
-    order = torch.argsort(partial.to(torch.uint8), dim=-1, descending=True, stable=True)
-    indices = torch.zeros(tiles.shape, dtype=torch.int32, device=tiles.device)
-    listed = min(blocks_per_segment, n_blocks)  # a segment longer than the input lists nb blocks
-    indices[..., :listed] = columns.expand_as(order).gather(-1, order)[..., :listed]
-    return partial.sum(dim=-1, dtype=torch.int32), indices
-
-
-def _full_bands(q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int) -> list[tuple[int, int, int]]:
-    """:func:`row_bands` of the query blocks; a band's tiles end with the segment of its last row."""
-    return [
-        (r0, r1, min(n_blocks, ((first_block + r1 - 1) // blocks_per_segment + 1) * blocks_per_segment))
-        for r0, r1 in row_bands(0, q_blocks)
-    ]
+def _bands(
+    q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int, own_segment_only: bool
+) -> list[tuple[int, int, int, int]]:
+    """Column windows of the :func:`row_bands` of the query blocks (query block r lies in key block
+    ``first_block + r``): up to the end of the segment of a band's last row, and, for partial tiles
+    (``own_segment_only``), from the start of the segment of its first row."""
+    bands = []
+    for r0, r1 in row_bands(0, q_blocks):
+        end = ((first_block + r1 - 1) // blocks_per_segment + 1) * blocks_per_segment
+        start = (first_block + r0) // blocks_per_segment * blocks_per_segment if own_segment_only else 0
+        bands.append((r0, r1, start, min(end, n_blocks)))
+    return bands
 
 
 def build_block_mask(
@@ -113,7 +97,7 @@ def build_block_mask(
 
     Args:
         tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block). Tiles in segments after
-            the query block's own are dropped: they hold no key it may see.
+            the query block's own hold no key it may see: the block lists may omit them.
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot, permuting only inside
             segments of ``segment_size``; Hq a multiple of Hp.
         query_start: original key position of query row 0, a multiple of ``block_size``; query row
@@ -128,13 +112,14 @@ def build_block_mask(
     q_len = n - query_start if q_len is None else q_len
     batch, q_heads, q_blocks, n_blocks = tiles.shape
     first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
-    _, last_pos = block_position_bounds(perm, block_size)
+    last_pos = block_last_positions(perm, block_size)
     first_query = query_start + torch.arange(q_blocks, device=perm.device) * block_size
     all_before = last_pos[:, :, None, :] <= first_query[:, None]
     by_perm_row = tiles.view(batch, perm.shape[1], -1, q_blocks, n_blocks)
     full = (by_perm_row & all_before[:, :, None]).view(tiles.shape)
-    kv_num, kv_idx = _own_segment_blocks(tiles, all_before, first_block, blocks_per_segment)
-    full_num, full_idx = _ordered_blocks(full, _full_bands(q_blocks, n_blocks, first_block, blocks_per_segment))
+    bands = (q_blocks, n_blocks, first_block, blocks_per_segment)
+    kv_num, kv_idx = _ordered_blocks(tiles & ~full, _bands(*bands, own_segment_only=True))
+    full_num, full_idx = _ordered_blocks(full, _bands(*bands, own_segment_only=False))
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -74,20 +74,21 @@ def _as_words(x: torch.Tensor) -> torch.Tensor:
         return x
 
 
-def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest original key position held by each permuted key block.
-
-    Args:
-        perm: ``[B, Hp, N]`` int64.
-
-    Returns:
-        ``(first, last)``, each ``[B, Hp, nb]`` int64; padding slots of a partial last block
-        are ignored.
-    """
-    n = perm.shape[-1]
-    pad = -n % block_size
+def block_first_positions(perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, Hp, nb]`` int64: the smallest original key position in each permuted key block of
+    ``perm [B, Hp, N]``; padding slots of a partial last block are ignored."""
     # A constant pad value (any value >= N is ignored by amin): padding with N itself would turn a
     # dynamic length into a constant under torch.compile (a pad value must be a concrete number).
-    first = F.pad(perm, (0, pad), value=_PAD_POSITION).unflatten(-1, (-1, block_size)).amin(dim=-1)
-    last = F.pad(perm, (0, pad), value=-1).unflatten(-1, (-1, block_size)).amax(dim=-1)
-    return first, last
+    pad = -perm.shape[-1] % block_size
+    return F.pad(perm, (0, pad), value=_PAD_POSITION).unflatten(-1, (-1, block_size)).amin(dim=-1)
+
+
+def block_last_positions(perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, Hp, nb]`` int64: the largest original key position in each permuted key block."""
+    pad = -perm.shape[-1] % block_size
+    return F.pad(perm, (0, pad), value=-1).unflatten(-1, (-1, block_size)).amax(dim=-1)
+
+
+def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, last)``: :func:`block_first_positions` and :func:`block_last_positions`."""
+    return block_first_positions(perm, block_size), block_last_positions(perm, block_size)

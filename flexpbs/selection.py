@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from flexpbs.permutation import block_position_bounds
+from flexpbs.permutation import block_first_positions
 
 # Bytes one step of the selection may hold (scores, sort keys and indices of a head chunk).
 _CHUNK_BYTES = 256 * 2**20
@@ -44,7 +44,9 @@ def pool_blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor
         parts.insert(0, x[:, :, :first].sum(dim=2, keepdim=True, dtype=torch.float32))
     if complete < n - first:
         parts.append(rest[:, :, complete:].sum(dim=2, keepdim=True, dtype=torch.float32))
-    sums = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    if len(parts) == 1:  # complete blocks only
+        return parts[0] / block_size
+    sums = torch.cat(parts, dim=2)
     counts = torch.full((sums.shape[2], 1), float(block_size), device=x.device)
     # Python numbers, no host-to-device copy: CUDA-graph safe
     if complete < n - first:
@@ -147,7 +149,7 @@ def forced_tiles(
         query (own-segment blocks wholly in its future would be fully masked).
     """
     n = perm.shape[-1]
-    first_pos, _ = block_position_bounds(perm, block_size)
+    first_pos = block_first_positions(perm, block_size)
     n_blocks = first_pos.shape[-1]
     seg = segment_of_block(n_blocks, block_size, segment_size, perm.device)
     q_blocks = torch.arange(first_query_block, n_blocks, device=perm.device)

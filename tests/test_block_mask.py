@@ -58,7 +58,7 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
     assert kv_idx.shape == full_idx.shape == tiles.shape
 
     nb = tiles.shape[-1]
-    # Tiles of later segments hold no visible key (keys move only inside segments): not listed.
+    # Tiles of later segments hold no visible key (keys move only inside segments): may be omitted.
     segment = torch.arange(nb) // seg_blocks
     listable = tiles & (segment[None, :] <= segment[:, None])
     token = create_mask(bm.mask_mod, 1, 2 * group, n, n, device="cpu")
@@ -71,7 +71,9 @@ def test_block_lists_cover_the_tiles_and_full_blocks_need_no_mask(seed, group, n
             assert partial_list == sorted(set(partial_list)) and full_list == sorted(set(full_list))
             partial, full = set(partial_list), set(full_list)
             assert not partial & full
-            assert partial | full == set(torch.nonzero(listable[0, h, qb]).flatten().tolist())
+            # every tile that may hold a visible key is listed; nothing else but later-segment tiles
+            assert set(torch.nonzero(listable[0, h, qb]).flatten().tolist()) <= partial | full
+            assert partial | full <= set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
             rows = slice(0, min(block, n - qb * block))
             for kb in full:
                 cols = slice(0, min(block, n - kb * block))
@@ -110,7 +112,8 @@ def test_chunk_mask_mod_states_the_whole_token_mask(seed, group, n, block, seg_b
             full = bm.full_kv_indices[0, h, qb, : bm.full_kv_num_blocks[0, h, qb]].tolist()
             partial = bm.kv_indices[0, h, qb, : bm.kv_num_blocks[0, h, qb]].tolist()
             assert not set(full) & set(partial)
-            assert set(full) | set(partial) == set(torch.nonzero(listable[0, h, qb]).flatten().tolist())
+            assert set(torch.nonzero(listable[0, h, qb]).flatten().tolist()) <= set(full) | set(partial)
+            assert set(full) | set(partial) <= set(torch.nonzero(tiles[0, h, qb]).flatten().tolist())
             for kb in full:
                 assert last_pos[0, h // group, kb] <= first_row[qb]
 
@@ -143,8 +146,9 @@ def test_block_lists_of_long_inputs_banded_by_rows(seed, seg_blocks, n_queries):
     all_before = last_pos[:, :, None, :] <= first_row[:, None]
     full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nb)
     partial = _listed(bm.kv_num_blocks, bm.kv_indices, nb)
-    assert torch.equal(full, listable & all_before)
-    assert torch.equal(partial, listable & ~all_before)
+    assert torch.equal(full, tiles & all_before)  # full tiles are causal: never in a later segment
+    assert torch.equal(partial & listable, listable & ~all_before)
+    assert not (partial & ~tiles).any()
 
 
 def test_gpu_kernel_tiles_divide_the_block_size():
