@@ -51,7 +51,7 @@ def test_selection(benchmark, pipeline):
 
 
 def test_block_mask_build(benchmark, pipeline):
-    benchmark(build_block_mask, pipeline["tiles"], pipeline["perm"], BLOCK)
+    benchmark(build_block_mask, pipeline["tiles"], pipeline["perm"], BLOCK, SEGMENT)
 
 
 def test_sparse_attention(benchmark, pipeline):
