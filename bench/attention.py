@@ -34,12 +34,11 @@ from triton.testing import do_bench
 
 import flexpbs
 from flexpbs import PBSConfig
-from flexpbs.block_mask import build_block_mask
-from flexpbs.importance import key_importance, resolve_scorer
-from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
-from flexpbs.selection import candidate_tiles, forced_tiles, select_tiles
+from flexpbs.permutation import identity_permutation
+from flexpbs.selection import candidate_tiles, forced_tiles
 from flexpbs.sparse_attention import _compiled_flex_attention, sparse_attention
 from checks import sample_rows
+from stages import stage_calls
 from workloads import real_qkv, synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -89,33 +88,8 @@ def dense_rows(q, k, v, rows: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def flexpbs_stages(q, k, v, cfg: PBSConfig, kernel_options: dict | None) -> dict:
-    """Each stage of the eager pipeline as a closure over the previous stage's output, timed."""
-    n, scale = q.shape[2], q.shape[-1] ** -0.5
-    bs, seg = cfg.block_size, cfg.segment_size
-    times = {}
-    if cfg.permutation == "none":
-        perm = identity_permutation(q.shape[0], k.shape[1], n, DEV)
-        k_p, v_p = k, v
-    else:
-        imp_fn = lambda: key_importance(  # noqa: E731
-            q, k, block_size=bs, segment_size=seg, scale=scale, per_query_head=False,
-            scorer=resolve_scorer(cfg.scorer, q.device),
-        )
-        imp = imp_fn()
-        times["importance"] = ms(imp_fn)
-        perm_fn = lambda: permute_kv(k, v, segment_permutation(imp, n, seg))  # noqa: E731
-        times["permute"] = ms(perm_fn)
-        perm = segment_permutation(imp, n, seg)
-        k_p, v_p = permute_kv(k, v, perm)
-    sel_fn = lambda: select_tiles(  # noqa: E731
-        q, k_p, perm, block_size=bs, segment_size=seg, threshold=cfg.threshold, scale=scale
-    )
-    tiles = sel_fn()
-    times["select"] = ms(sel_fn)
-    times["mask"] = ms(lambda: build_block_mask(tiles, perm, bs, seg))
-    times["mask+attn"] = ms(
-        lambda: sparse_attention(q, k_p, v_p, tiles, perm, block_size=bs, segment_size=seg, scale=scale, kernel_options=kernel_options)
-    )
+    """Each stage of the eager pipeline (``stages.stage_calls``), timed; attn = mask+attn - mask."""
+    times = {name: ms(fn) for name, fn in stage_calls(q, k, v, cfg, kernel_options).items()}
     times["attn"] = times["mask+attn"] - times["mask"]
     return times
 

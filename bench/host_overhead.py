@@ -17,11 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import flexpbs
-from flexpbs.block_mask import build_block_mask
-from flexpbs.importance import key_importance
-from flexpbs.permutation import permute_kv, segment_permutation
-from flexpbs.selection import select_tiles
-from flexpbs.sparse_attention import sparse_attention
+from flexpbs import PBSConfig
+from stages import stage_calls
 from workloads import synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -55,20 +52,8 @@ def main() -> None:
     rows = []
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
-        scale = 128**-0.5
-        opts = dict(block_size=128, segment_size=256)
-        imp = key_importance(q, k, **opts, scale=scale, per_query_head=False, scorer="triton")
-        perm = segment_permutation(imp, n, 256)
-        k_p, v_p = permute_kv(k, v, perm)
-        tiles = select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=scale)
-        stages = {
-            "importance": lambda: key_importance(q, k, **opts, scale=scale, per_query_head=False, scorer="triton"),
-            "permute": lambda: permute_kv(k, v, segment_permutation(imp, n, 256)),
-            "select": lambda: select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=scale),
-            "mask": lambda: build_block_mask(tiles, perm, 128, 256),
-            "mask + flex call": lambda: sparse_attention(q, k_p, v_p, tiles, perm, **opts, scale=scale),
-            "whole call": lambda: flexpbs.attention(q, k, v),
-        }
+        stages = stage_calls(q, k, v, PBSConfig(scorer="triton"))
+        stages["whole call"] = lambda: flexpbs.attention(q, k, v)
         for name, fn in stages.items():
             fn()
             rows.append((n, name, host_ms(fn)))
@@ -80,7 +65,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"\nN={n}: host ops of one call by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
-        del q, k, v, k_p, v_p, tiles
+        del stages  # q, k, v are replaced by the next length's
         torch.cuda.empty_cache()
     print("\n| N | stage | host ms (behind a busy GPU) |\n|---|---|---|")
     for n, name, t in rows:

@@ -1,6 +1,6 @@
 """CPU: operators each eager stage dispatches, counted on the meta device (no data, any shape).
 
-    PYTHONPATH=$PWD python bench/op_count.py --lengths 16384 32768 131072
+    PYTHONPATH=$PWD:$PWD/bench python bench/op_count.py --lengths 16384 32768 131072
 
 A stage's host time on the GPU is roughly its number of launched operators times the per-op cost of
 eager PyTorch (tens of microseconds on the H100 host, bench/RESULTS.md): below ~32K tokens a call is
@@ -17,10 +17,8 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flexpbs.block_mask import build_block_mask
-from flexpbs.importance import last_block_importance
-from flexpbs.permutation import permute_kv, segment_permutation
-from flexpbs.selection import select_tiles
+from flexpbs import PBSConfig
+from stages import stage_calls
 
 _METADATA_OPS = {
     "view", "_unsafe_view", "slice", "select", "expand", "as_strided", "transpose", "t", "permute",
@@ -58,17 +56,8 @@ def main() -> None:
     for n in args.lengths:
         q = torch.empty(1, 32, n, 128, dtype=torch.bfloat16, device=dev)
         k = torch.empty(1, 8, n, 128, dtype=torch.bfloat16, device=dev)
-        opts = dict(block_size=128, segment_size=256)
-        imp = last_block_importance(q, k, **opts, scale=0.1, per_query_head=False)
-        perm = segment_permutation(imp, n, 256)
-        k_p, _ = permute_kv(k, k, perm)
-        tiles = select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=0.1)
-        stages = {
-            "importance (PyTorch path)": lambda: last_block_importance(q, k, **opts, scale=0.1, per_query_head=False),
-            "permutation + gather": lambda: permute_kv(k, k, segment_permutation(imp, n, 256)),
-            "selection": lambda: select_tiles(q, k_p, perm, **opts, threshold=0.9, scale=0.1),
-            "block mask": lambda: build_block_mask(tiles, perm, 128, 256),
-        }
+        stages = stage_calls(q, k, k, PBSConfig(scorer="torch"))
+        del stages["mask+attn"]  # FlexAttention does not run on the meta device
         for name, fn in stages.items():
             counter = count(fn)
             total = sum(counter.ops.values())
