@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import flexpbs
 from flexpbs import PBSConfig
+from flexpbs.kernels.importance import _launch as importance_kernels
 from stages import stage_calls
 from workloads import synthetic_qkv
 
@@ -54,6 +55,14 @@ def main() -> None:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
         stages = stage_calls(q, k, v, PBSConfig(scorer="triton"))
         stages["whole call"] = lambda: flexpbs.attention(q, k, v)
+        # What one launch costs: the importance kernels without the custom op around them, and a
+        # plain eager op, as yardsticks for the stage times above.
+        scale = q.shape[-1] ** -0.5
+        stages["importance kernels only"] = lambda: importance_kernels(
+            q, k, block_size=128, segment_size=256, scale=scale, per_query_head=False
+        )
+        small = torch.zeros(16, device=DEV)
+        stages["10 small eager ops"] = lambda: [small.add_(1) for _ in range(10)]
         for name, fn in stages.items():
             fn()
             rows.append((n, name, host_ms(fn)))

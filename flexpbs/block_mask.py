@@ -18,6 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
 from flexpbs.permutation import block_last_positions
 from flexpbs.selection import row_bands
+from flexpbs.tile_grid import tile_grid
 
 
 def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _mask_mod_signature:
@@ -113,8 +114,8 @@ def build_block_mask(
     batch, q_heads, q_blocks, n_blocks = tiles.shape
     first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
     last_pos = block_last_positions(perm, block_size)
-    first_query = query_start + torch.arange(q_blocks, device=perm.device) * block_size
-    all_before = last_pos[:, :, None, :] <= first_query[:, None]
+    grid = tile_grid(q_blocks, n_blocks, first_block, n, block_size, segment_size, perm.device)
+    all_before = last_pos[:, :, None, :] <= grid.query_start
     by_perm_row = tiles.view(batch, perm.shape[1], -1, q_blocks, n_blocks)
     full = (by_perm_row & all_before[:, :, None]).view(tiles.shape)
     bands = (q_blocks, n_blocks, first_block, blocks_per_segment)
@@ -127,7 +128,7 @@ def build_block_mask(
         full_idx,
         BLOCK_SIZE=block_size,
         # counted from query row 0, the causal test is ``position <= q_idx`` for any query_start
-        mask_mod=pbs_mask_mod(tiles, (perm - query_start).to(torch.int32), block_size),
+        mask_mod=pbs_mask_mod(tiles, (perm - query_start if query_start else perm).to(torch.int32), block_size),
         seq_lengths=(q_len, n),
         compute_q_blocks=False,
     )

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexpbs.selection import segment_of_block, threshold_tiles
+from flexpbs.selection import threshold_tiles
+from flexpbs.tile_grid import tile_grid
 
 
 def last_block_tiles(
@@ -35,7 +36,7 @@ def last_block_tiles(
     batch, heads, n_complete = importance.shape
     n = perm.shape[-1]
     n_blocks = -(-n // block_size)
-    seg = segment_of_block(n_blocks, block_size, segment_size, perm.device)
+    seg = tile_grid(1, n_blocks, n_blocks - 1, n, block_size, segment_size, perm.device).key_segment
     candidates = seg < seg[-1]  # all of them lie in complete segments
     at_slot = importance.double().gather(-1, perm[..., :n_complete])
     mass = F.pad(at_slot, (0, n_blocks * block_size - n_complete)).view(batch, heads, n_blocks, block_size).sum(-1)

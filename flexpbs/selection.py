@@ -17,6 +17,7 @@ import torch
 from einops import rearrange
 
 from flexpbs.permutation import block_first_positions
+from flexpbs.tile_grid import TileGrid, tile_grid
 
 # Bytes one step of the selection may hold (scores, sort keys and indices of a head chunk).
 _CHUNK_BYTES = 256 * 2**20
@@ -56,11 +57,6 @@ def pool_blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor
     return sums / counts
 
 
-def segment_of_block(n_blocks: int, block_size: int, segment_size: int, device: torch.device) -> torch.Tensor:
-    """``[nb]`` int64: the segment index of each block."""
-    return torch.arange(n_blocks, device=device) // (segment_size // block_size)
-
-
 def candidate_tiles(
     n_blocks: int, block_size: int, segment_size: int, device: torch.device, first_query_block: int = 0
 ) -> torch.Tensor:
@@ -69,8 +65,9 @@ def candidate_tiles(
     Query block i lies in key block ``first_query_block + i`` (0 for prefill, the chunk's first
     key block for a chunk); nbq = nb - first_query_block.
     """
-    seg = segment_of_block(n_blocks, block_size, segment_size, device)
-    return seg[None, :] < seg[first_query_block:, None]
+    grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, n_blocks * block_size,
+                     block_size, segment_size, device)
+    return grid.key_segment < grid.query_segment
 
 
 def block_scores(
@@ -119,9 +116,14 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
 
 
 def _threshold_into(
-    out: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor, threshold: float
+    out: torch.Tensor,
+    probs: torch.Tensor,
+    candidates: torch.Tensor,
+    threshold: float,
+    ranks: torch.Tensor | None = None,
 ) -> None:
-    """:func:`threshold_tiles` written into ``out`` (a bool view of the same shape, any strides)."""
+    """:func:`threshold_tiles` written into ``out`` (a bool view of the same shape, any strides);
+    ``ranks``: ``[nb]`` 0..nb-1 when the caller has them."""
     if threshold >= 1.0:
         out.copy_(candidates.expand(out.shape))
         return
@@ -129,9 +131,10 @@ def _threshold_into(
     # as a row's candidates are a prefix, larger indices than its zero-probability candidates.
     ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     below = (ordered.cumsum(dim=-1) < threshold).sum(dim=-1, keepdim=True)  # rank that reaches it
-    rank = torch.arange(probs.shape[-1], device=probs.device)
+    if ranks is None:
+        ranks = torch.arange(probs.shape[-1], device=probs.device)
     # rank < (row's number of candidates) is candidates[row, rank], by the prefix property
-    out.scatter_(-1, order, (rank <= below) & candidates)
+    out.scatter_(-1, order, (ranks <= below) & candidates)
 
 
 def forced_tiles(
@@ -148,13 +151,15 @@ def forced_tiles(
         every block of the query block's own segment holding a key at or before the block's last
         query (own-segment blocks wholly in its future would be fully masked).
     """
-    n = perm.shape[-1]
+    n_blocks = -(-perm.shape[-1] // block_size)
+    grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, perm.shape[-1],
+                     block_size, segment_size, perm.device)
+    return _forced(perm, block_size, grid)
+
+
+def _forced(perm: torch.Tensor, block_size: int, grid: TileGrid) -> torch.Tensor:
     first_pos = block_first_positions(perm, block_size)
-    n_blocks = first_pos.shape[-1]
-    seg = segment_of_block(n_blocks, block_size, segment_size, perm.device)
-    q_blocks = torch.arange(first_query_block, n_blocks, device=perm.device)
-    last_query = ((q_blocks + 1) * block_size).clamp_max(n) - 1
-    own = (seg[q_blocks, None] == seg[None, :]) & (first_pos[:, :, None, :] <= last_query[:, None])
+    own = (grid.query_segment == grid.key_segment) & (first_pos[:, :, None, :] <= grid.query_end)
     sink = (first_pos == 0)[:, :, None, :]
     return own | sink
 
@@ -217,8 +222,9 @@ def select_tiles(
     pooled_q = pool_blocks(query, block_size, lead=offset % block_size)
     pooled_k = pool_blocks(key_p, block_size)
     q_blocks, n_blocks = pooled_q.shape[2], pooled_k.shape[2]
-    candidates = candidate_tiles(n_blocks, block_size, segment_size, query.device, first_query_block)
-    forced = forced_tiles(perm, block_size, segment_size, first_query_block)
+    grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
+    candidates = grid.key_segment < grid.query_segment
+    forced = _forced(perm, block_size, grid)
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
     bands = _row_bands(q_blocks, segment_size // block_size, first_query_block)
@@ -231,7 +237,7 @@ def select_tiles(
             probs = block_scores(
                 pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns], band, scale
             )
-            _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold)
+            _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold, grid.columns[:columns])
     by_perm_row = tiles.view(batch, forced.shape[1], -1, q_blocks, n_blocks)
     by_perm_row |= forced[:, :, None]
     return tiles

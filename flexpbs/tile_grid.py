@@ -1,0 +1,60 @@
+"""Index vectors of the (query block, key block) grid that depend only on shapes, cached per shape.
+
+Each is a few kernel launches, and below ~32K tokens a call is bound by the host time of its
+launches, so they are built once per shape (a few vectors of nb int64 each) and reused. Query block
+i lies in key block ``first_query_block + i`` (see :mod:`flexpbs.selection`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class TileGrid(NamedTuple):
+    """Read-only; shapes for ``nbq`` query blocks and ``nb`` key blocks."""
+
+    key_segment: torch.Tensor  # [nb] int64: segment of each key block
+    query_segment: torch.Tensor  # [nbq, 1] int64: segment of each query block
+    query_start: torch.Tensor  # [nbq, 1] int64: first position of each query block's key block
+    query_end: torch.Tensor  # [nbq, 1] int64: its last position, at most N - 1
+    columns: torch.Tensor  # [nb] int64: 0..nb-1
+
+
+def tile_grid(
+    q_blocks: int, n_blocks: int, first_query_block: int, n_keys: int, block_size: int, segment_size: int,
+    device: torch.device,
+) -> TileGrid:
+    """The :class:`TileGrid` of ``q_blocks`` query blocks over ``n_blocks`` key blocks of ``n_keys`` keys.
+
+    Cached, except while a CUDA graph is being captured (a tensor made there gets its values only
+    when the graph is replayed) or while torch.compile traces.
+    """
+    args = (q_blocks, n_blocks, first_query_block, n_keys, block_size, segment_size, torch.device(device))
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing or torch.compiler.is_compiling():
+        return _build(*args)
+    return _cached(*args)
+
+
+def _build(
+    q_blocks: int, n_blocks: int, first_query_block: int, n_keys: int, block_size: int, segment_size: int,
+    device: torch.device,
+) -> TileGrid:
+    per_segment = segment_size // block_size
+    columns = torch.arange(n_blocks, device=device)
+    rows = torch.arange(first_query_block, first_query_block + q_blocks, device=device)[:, None]
+    start = rows * block_size
+    return TileGrid(
+        key_segment=columns // per_segment,
+        query_segment=rows // per_segment,
+        query_start=start,
+        query_end=(start + block_size).clamp_max(n_keys) - 1,
+        columns=columns,
+    )
+
+
+# A handful of recent shapes; each entry holds five vectors of at most nb int64.
+_cached = functools.lru_cache(maxsize=32)(_build)
