@@ -29,6 +29,8 @@ def segment_permutation(importance: torch.Tensor, seq_len: int, segment_size: in
     order = torch.sort(by_segment, dim=-1, descending=True, stable=True).indices
     starts = torch.arange(0, n_complete, segment_size, device=device).view(1, 1, -1, 1)
     sorted_part = (order + starts).view(batch, heads, n_complete)
+    if n_complete == seq_len:
+        return sorted_part
     tail = torch.arange(n_complete, seq_len, device=device).expand(batch, heads, -1)
     return torch.cat([sorted_part, tail], dim=-1)
 
