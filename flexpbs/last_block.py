@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexpbs.selection import threshold_tiles
-from flexpbs.tile_grid import tile_grid
+from flexpbs.selection import candidate_tiles, threshold_tiles
 
 
 def last_block_tiles(
@@ -36,8 +35,8 @@ def last_block_tiles(
     batch, heads, n_complete = importance.shape
     n = perm.shape[-1]
     n_blocks = -(-n // block_size)
-    seg = tile_grid(1, n_blocks, n_blocks - 1, n, block_size, segment_size, perm.device).key_segment
-    candidates = seg < seg[-1]  # all of them lie in complete segments
+    # the row of the last query block (key block nb - 1); all candidates lie in complete segments
+    candidates = candidate_tiles(n_blocks, block_size, segment_size, perm.device, n_blocks - 1)[0]
     at_slot = importance.double().gather(-1, perm[..., :n_complete])
     mass = F.pad(at_slot, (0, n_blocks * block_size - n_complete)).view(batch, heads, n_blocks, block_size).sum(-1)
     mass = mass.masked_fill(~candidates, 0.0)

@@ -67,6 +67,10 @@ def candidate_tiles(
     """
     grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, n_blocks * block_size,
                      block_size, segment_size, device)
+    return _candidates(grid)
+
+
+def _candidates(grid: TileGrid) -> torch.Tensor:
     return grid.key_segment < grid.query_segment
 
 
@@ -223,7 +227,7 @@ def select_tiles(
     pooled_k = pool_blocks(key_p, block_size)
     q_blocks, n_blocks = pooled_q.shape[2], pooled_k.shape[2]
     grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
-    candidates = grid.key_segment < grid.query_segment
+    candidates = _candidates(grid)
     forced = _forced(perm, block_size, grid)
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
