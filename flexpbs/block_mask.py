@@ -3,8 +3,9 @@
 Tiles whose keys all precede the block's first query (every selected earlier-segment tile) are
 FULL blocks: the kernel skips the mask there. The rest (own-segment tiles) are PARTIAL blocks,
 where the kernel evaluates the mask_mod: the causal test on ORIGINAL key positions. As keys move
-only inside segments, partial tiles lie in the query block's own segment and full ones before its
-end: the lists of a band of query blocks are sorted over that band's window of columns only.
+only inside segments, partial tiles lie in the query block's own segment (a few columns per row,
+listed from a gather of those columns) and full ones before its end (the lists of a band of query
+blocks are sorted over the columns before the end of the band's last segment).
 
 Chunks (queries at the last key positions): key positions are counted from the position of query
 row 0 (``query_start``), so the causal test stays ``position <= q_idx`` for every offset. The mask_mod
@@ -18,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
 from flexpbs.permutation import block_last_positions
 from flexpbs.selection import row_bands
-from flexpbs.tile_grid import tile_grid
+from flexpbs.tile_grid import TileGrid, tile_grid
 
 
 def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _mask_mod_signature:
@@ -43,45 +44,52 @@ def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _m
     return pbs_mask
 
 
-# Tiles sorted per step of _ordered_blocks: bounds the int64 argsort temporaries (8 B per tile).
+# Tiles sorted per step of _full_lists: bounds the int64 argsort temporaries (8 B per tile).
 _TILES_PER_STEP = 2**24
 
 
-def _ordered_blocks(
-    dense: torch.Tensor, bands: list[tuple[int, int, int, int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _full_lists(full: torch.Tensor, bands: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``[B, H, nq, nb]`` bool rows -> (counts ``[B, H, nq]``, indices ``[B, H, nq, nb]``) int32.
 
-    Each row's indices list its selected blocks first, in ascending order (a stable argsort of
-    8-bit keys, faster on the GPU than a cumsum and scatter), a few heads at a time. ``bands``
-    gives (first row, end row, first column, end column): only a band's column window is counted
-    and sorted; entries past a row's count are never read and stay 0.
+    Each row's indices list its blocks first, in ascending order (a stable argsort of 8-bit keys,
+    faster on the GPU than a cumsum and scatter), a few heads at a time. ``bands`` gives (first
+    row, end row, end column): a band's rows hold no block at or past its end column, so only
+    columns before it are sorted; entries past a row's count are never read and stay 0.
     """
-    counts = torch.zeros(dense.shape[:-1], dtype=torch.int32, device=dense.device)
-    order = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
-    for r0, r1, c0, c1 in bands:
-        step = max(1, _TILES_PER_STEP // (dense.shape[0] * (r1 - r0) * (c1 - c0)))
-        for h0 in range(0, dense.shape[1], step):
-            chunk = dense[:, h0 : h0 + step, r0:r1, c0:c1]
-            counts[:, h0 : h0 + step, r0:r1] = chunk.sum(dim=-1, dtype=torch.int32)
-            listed = order[:, h0 : h0 + step, r0:r1, : c1 - c0]
-            listed.copy_(torch.argsort(chunk.to(torch.uint8), dim=-1, descending=True, stable=True))
-            if c0:
-                listed += c0
-    return counts, order
+    order = torch.zeros(full.shape, dtype=torch.int32, device=full.device)
+    for r0, r1, c1 in bands:
+        step = max(1, _TILES_PER_STEP // (full.shape[0] * (r1 - r0) * c1))
+        for h0 in range(0, full.shape[1], step):
+            chunk = full[:, h0 : h0 + step, r0:r1, :c1].view(torch.uint8)  # a bool is one byte: no copy
+            order[:, h0 : h0 + step, r0:r1, :c1] = torch.argsort(chunk, dim=-1, descending=True, stable=True)
+    return full.sum(dim=-1, dtype=torch.int32), order
 
 
-def _bands(
-    q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int, own_segment_only: bool
-) -> list[tuple[int, int, int, int]]:
-    """Column windows of the :func:`row_bands` of the query blocks (query block r lies in key block
-    ``first_block + r``): up to the end of the segment of a band's last row, and, for partial tiles
-    (``own_segment_only``), from the start of the segment of its first row."""
+def _partial_lists(partial: torch.Tensor, grid: TileGrid, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial tiles, all in the query block's own segment -> (counts, indices) as :func:`_full_lists`.
+
+    Args:
+        partial: ``[B, H, nq, S]`` bool over ``grid.own_columns`` (False where not ``own_valid``).
+
+    Returns:
+        Indices ``[B, H, nq, n_blocks]``: a row's partial blocks first, ascending, then the rest of
+        its own segment's blocks (never read), then 0.
+    """
+    order = torch.argsort(partial.view(torch.uint8), dim=-1, descending=True, stable=True)
+    indices = torch.zeros(*partial.shape[:-1], n_blocks, dtype=torch.int32, device=partial.device)
+    own = grid.own_columns.expand(partial.shape)
+    indices[..., : partial.shape[-1]] = own.gather(-1, order)
+    return partial.sum(dim=-1, dtype=torch.int32), indices
+
+
+def _bands(q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, end column) of the :func:`row_bands` of the query blocks (query block r
+    lies in key block ``first_block + r``): no block of a row lies past its own segment, so a band
+    ends at the end of the segment of its last row."""
     bands = []
     for r0, r1 in row_bands(0, q_blocks):
         end = ((first_block + r1 - 1) // blocks_per_segment + 1) * blocks_per_segment
-        start = (first_block + r0) // blocks_per_segment * blocks_per_segment if own_segment_only else 0
-        bands.append((r0, r1, start, min(end, n_blocks)))
+        bands.append((r0, r1, min(end, n_blocks)))
     return bands
 
 
@@ -115,12 +123,16 @@ def build_block_mask(
     first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
     last_pos = block_last_positions(perm, block_size)
     grid = tile_grid(q_blocks, n_blocks, first_block, n, block_size, segment_size, perm.device)
+    # Full: every key of the tile precedes the block's first query. Partial: the other tiles of
+    # the own segment (tiles of later segments hold no visible key and are left out).
     all_before = last_pos[:, :, None, :] <= grid.query_start
-    by_perm_row = tiles.view(batch, perm.shape[1], -1, q_blocks, n_blocks)
-    full = (by_perm_row & all_before[:, :, None]).view(tiles.shape)
-    bands = (q_blocks, n_blocks, first_block, blocks_per_segment)
-    kv_num, kv_idx = _ordered_blocks(tiles & ~full, _bands(*bands, own_segment_only=True))
-    full_num, full_idx = _ordered_blocks(full, _bands(*bands, own_segment_only=False))
+    group = q_heads // perm.shape[1]
+    full = (tiles.view(batch, perm.shape[1], group, q_blocks, n_blocks) & all_before[:, :, None]).view(tiles.shape)
+    own_tiles = tiles.gather(-1, grid.own_columns.expand(batch, q_heads, -1, -1)) & grid.own_valid
+    own_later = last_pos[:, :, grid.own_columns] > grid.query_start  # [B, Hp, nbq, S]: not full
+    partial = (own_tiles.view(batch, perm.shape[1], group, q_blocks, -1) & own_later[:, :, None]).view(own_tiles.shape)
+    kv_num, kv_idx = _partial_lists(partial, grid, n_blocks)
+    full_num, full_idx = _full_lists(full, _bands(q_blocks, n_blocks, first_block, blocks_per_segment))
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -82,13 +82,15 @@ def block_first_positions(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     # A constant pad value (any value >= N is ignored by amin): padding with N itself would turn a
     # dynamic length into a constant under torch.compile (a pad value must be a concrete number).
     pad = -perm.shape[-1] % block_size
-    return F.pad(perm, (0, pad), value=_PAD_POSITION).unflatten(-1, (-1, block_size)).amin(dim=-1)
+    padded = F.pad(perm, (0, pad), value=_PAD_POSITION) if pad else perm  # F.pad copies even for 0
+    return padded.unflatten(-1, (-1, block_size)).amin(dim=-1)
 
 
 def block_last_positions(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[B, Hp, nb]`` int64: the largest original key position in each permuted key block."""
     pad = -perm.shape[-1] % block_size
-    return F.pad(perm, (0, pad), value=-1).unflatten(-1, (-1, block_size)).amax(dim=-1)
+    padded = F.pad(perm, (0, pad), value=-1) if pad else perm
+    return padded.unflatten(-1, (-1, block_size)).amax(dim=-1)
 
 
 def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

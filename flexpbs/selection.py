@@ -87,6 +87,14 @@ def block_scores(
     Returns:
         ``[B, Hq, nbq, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
     """
+    # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
+    return _candidate_softmax(pooled_q, pooled_k, candidates, scale).nan_to_num_(0.0)
+
+
+def _candidate_softmax(
+    pooled_q: torch.Tensor, pooled_k: torch.Tensor, candidates: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """:func:`block_scores` where every row has a candidate (NaN rows otherwise)."""
     batch, kv_heads = pooled_k.shape[:2]
     group = pooled_q.shape[1] // kv_heads
     # One GEMM scales the logits and adds the candidate mask (0 or -inf, one row per query block
@@ -95,9 +103,7 @@ def block_scores(
     q = rearrange(pooled_q, "b (k g) i d -> (b k) (g i) d", g=group)
     k = rearrange(pooled_k, "b k j d -> (b k) d j")
     logits = torch.baddbmm(bias, q, k, alpha=scale)
-    probs = rearrange(logits.softmax(dim=-1), "(b k) (g i) j -> b (k g) i j", b=batch, g=group)
-    # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
-    return probs.nan_to_num_(0.0)
+    return rearrange(logits.softmax(dim=-1), "(b k) (g i) j -> b (k g) i j", b=batch, g=group)
 
 
 def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -238,7 +244,8 @@ def select_tiles(
         step = max(1, _CHUNK_BYTES // per_head // group) * group
         for h0 in range(0, q_heads, step):
             h1 = min(h0 + step, q_heads)
-            probs = block_scores(
+            # every row of a band has a candidate: the first band starts in the second segment
+            probs = _candidate_softmax(
                 pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns], band, scale
             )
             _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold, grid.columns[:columns])

@@ -21,6 +21,9 @@ class TileGrid(NamedTuple):
     query_start: torch.Tensor  # [nbq, 1] int64: first position of each query block's key block
     query_end: torch.Tensor  # [nbq, 1] int64: its last position, at most N - 1
     columns: torch.Tensor  # [nb] int64: 0..nb-1
+    # [nbq, S] int64: the key blocks of each query block's segment (< nb), S = min(blocks per segment, nb)
+    own_columns: torch.Tensor
+    own_valid: torch.Tensor  # [nbq, S] bool: False past the end of a short last segment
 
 
 def tile_grid(
@@ -47,14 +50,17 @@ def _build(
     columns = torch.arange(n_blocks, device=device)
     rows = torch.arange(first_query_block, first_query_block + q_blocks, device=device)[:, None]
     start = rows * block_size
+    own = rows // per_segment * per_segment + torch.arange(min(per_segment, n_blocks), device=device)
     return TileGrid(
         key_segment=columns // per_segment,
         query_segment=rows // per_segment,
         query_start=start,
         query_end=(start + block_size).clamp_max(n_keys) - 1,
         columns=columns,
+        own_columns=own.clamp_max(n_blocks - 1),
+        own_valid=own < n_blocks,
     )
 
 
-# A handful of recent shapes; each entry holds five vectors of at most nb int64.
+# A handful of recent shapes; each entry holds a few vectors of at most nb x (blocks per segment) int64.
 _cached = functools.lru_cache(maxsize=32)(_build)
