@@ -88,18 +88,23 @@ def block_scores(
         ``[B, Hq, nbq, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
     """
     # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
-    return _candidate_softmax(pooled_q, pooled_k, candidates, scale).nan_to_num_(0.0)
+    return _candidate_softmax(pooled_q, pooled_k, _candidate_bias(candidates), scale).nan_to_num_(0.0)
+
+
+def _candidate_bias(candidates: torch.Tensor) -> torch.Tensor:
+    """``[nbq, nb]`` float32 logit bias: 0 on the candidates, -inf elsewhere."""
+    return torch.where(candidates, 0.0, float("-inf"))
 
 
 def _candidate_softmax(
-    pooled_q: torch.Tensor, pooled_k: torch.Tensor, candidates: torch.Tensor, scale: float
+    pooled_q: torch.Tensor, pooled_k: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """:func:`block_scores` where every row has a candidate (NaN rows otherwise)."""
+    """:func:`block_scores` with the :func:`_candidate_bias` given; rows without a candidate are NaN."""
     batch, kv_heads = pooled_k.shape[:2]
     group = pooled_q.shape[1] // kv_heads
-    # One GEMM scales the logits and adds the candidate mask (0 or -inf, one row per query block
-    # of each query head of a KV group): fewer kernel launches than einsum, scale and masked_fill.
-    bias = torch.where(candidates, 0.0, float("-inf")).repeat(group, 1)
+    # One GEMM scales the logits and adds the bias (one row per query block of each query head of
+    # a KV group): fewer kernel launches than einsum, scale and masked_fill.
+    bias = bias.repeat(group, 1) if group > 1 else bias
     q = rearrange(pooled_q, "b (k g) i d -> (b k) (g i) d", g=group)
     k = rearrange(pooled_k, "b k j d -> (b k) d j")
     logits = torch.baddbmm(bias, q, k, alpha=scale)
@@ -234,6 +239,7 @@ def select_tiles(
     q_blocks, n_blocks = pooled_q.shape[2], pooled_k.shape[2]
     grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
     candidates = _candidates(grid)
+    bias = _candidate_bias(candidates)  # once: each band reads its slice
     forced = _forced(perm, block_size, grid)
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
@@ -246,7 +252,8 @@ def select_tiles(
             h1 = min(h0 + step, q_heads)
             # every row of a band has a candidate: the first band starts in the second segment
             probs = _candidate_softmax(
-                pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns], band, scale
+                pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns],
+                bias[r0:r1, :columns], scale,
             )
             _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold, grid.columns[:columns])
     by_perm_row = tiles.view(batch, forced.shape[1], -1, q_blocks, n_blocks)
