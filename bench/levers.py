@@ -29,8 +29,8 @@ from workloads import synthetic_qkv
 
 DEV = torch.device("cuda")
 KERNEL_OPTIONS = {
-    "default": None,
-    # torch 2.11's H100 default for bf16 and head dim 128, spelled out: shows the drift between rounds
+    "default": None,  # flexpbs's: tuned_kernel_options where they apply (sm90 half, D=128), else torch's
+    # torch 2.11's H100 default for bf16 and head dim 128, spelled out
     "128x64 w8 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     "128x128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "USE_TMA": {"USE_TMA": True},
@@ -72,11 +72,11 @@ def chunk_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple
     return rows
 
 
-def kernel_options(n: int, density: float, attend) -> list[tuple]:
+def kernel_options(n: int, density: float, attend, options: list[str]) -> list[tuple]:
     """The attention stage under each of KERNEL_OPTIONS: median of ROUNDS interleaved timings, and
     the largest difference from the default options' output."""
     ref, fns, times, notes = attend(None), {}, {}, {}
-    for name, opts in KERNEL_OPTIONS.items():
+    for name, opts in ((name, KERNEL_OPTIONS[name]) for name in options):
         try:  # a config that does not fit shared memory fails to compile
             fns[name] = lambda opts=opts: attend(opts)
             notes[name] = f"density {density:.3f}, diff {(fns[name]().float() - ref.float()).abs().max().item():.1e}"
@@ -88,7 +88,7 @@ def kernel_options(n: int, density: float, attend) -> list[tuple]:
         for name, fn in fns.items():
             times[name].append(ms(fn))
     rows = []
-    for name in KERNEL_OPTIONS:
+    for name in options:
         ts = sorted(times.get(name, []))
         t = ts[len(ts) // 2] if ts else float("nan")
         rounds = " / ".join(f"{x:.2f}" for x in times.get(name, []))
@@ -117,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--options", nargs="+", default=list(KERNEL_OPTIONS), choices=list(KERNEL_OPTIONS),
+                        help="kernel options compared by the kernel_options lever")
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     rows = []
@@ -133,7 +135,8 @@ def main() -> None:
         ref = sparse_attention(q, k_p, v_p, tiles, perm, block_size=128, segment_size=256, scale=scale)
         if "kernel_options" in args.levers:
             rows += kernel_options(n, density, lambda opts: sparse_attention(
-                q, k_p, v_p, tiles, perm, block_size=128, segment_size=256, scale=scale, kernel_options=opts))
+                q, k_p, v_p, tiles, perm, block_size=128, segment_size=256, scale=scale, kernel_options=opts),
+                args.options)
         if "compile_select" in args.levers:
             rows.append((n, "select eager", ms(sel), ""))
             eager_scores, eager_threshold = selection.block_scores, selection.threshold_tiles

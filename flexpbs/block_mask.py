@@ -123,14 +123,15 @@ def build_block_mask(
     first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
     last_pos = block_last_positions(perm, block_size)
     grid = tile_grid(q_blocks, n_blocks, first_block, n, block_size, segment_size, perm.device)
-    # Full: every key of the tile precedes the block's first query. Partial: the other tiles of
-    # the own segment (tiles of later segments hold no visible key and are left out).
-    all_before = last_pos[:, :, None, :] <= grid.query_start
-    group = q_heads // perm.shape[1]
-    full = (tiles.view(batch, perm.shape[1], group, q_blocks, n_blocks) & all_before[:, :, None]).view(tiles.shape)
-    own_tiles = tiles.gather(-1, grid.own_columns.expand(batch, q_heads, -1, -1)) & grid.own_valid
-    own_later = last_pos[:, :, grid.own_columns] > grid.query_start  # [B, Hp, nbq, S]: not full
-    partial = (own_tiles.view(batch, perm.shape[1], group, q_blocks, -1) & own_later[:, :, None]).view(own_tiles.shape)
+    # Full: every key of the tile precedes the block's first query (every earlier-segment tile and
+    # some own-segment ones). Partial: the other own-segment tiles; tiles of later segments hold no
+    # visible key and are left out of both lists.
+    by_perm_row = (batch, perm.shape[1], q_heads // perm.shape[1], q_blocks)
+    all_before = last_pos[:, :, None, None, :] <= grid.query_start
+    full = (tiles.view(*by_perm_row, n_blocks) & all_before).view(tiles.shape)
+    own_tiles = tiles.view(*by_perm_row, n_blocks).gather(-1, grid.own_columns.expand(*by_perm_row, -1))
+    own_later = (last_pos[:, :, grid.own_columns] > grid.query_start)[:, :, None]
+    partial = (own_tiles & own_later & grid.own_valid).view(batch, q_heads, q_blocks, -1)
     kv_num, kv_idx = _partial_lists(partial, grid, n_blocks)
     full_num, full_idx = _full_lists(full, _bands(q_blocks, n_blocks, first_block, blocks_per_segment))
     return BlockMask.from_kv_blocks(

@@ -126,7 +126,7 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
         candidates are kept. Ties keep the lower block index first.
     """
     tiles = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-    _threshold_into(tiles, probs, candidates, threshold)
+    _threshold_into(tiles, probs.clone(), candidates, threshold)
     return tiles
 
 
@@ -138,13 +138,14 @@ def _threshold_into(
     ranks: torch.Tensor | None = None,
 ) -> None:
     """:func:`threshold_tiles` written into ``out`` (a bool view of the same shape, any strides);
-    ``ranks``: ``[nb]`` 0..nb-1 when the caller has them."""
+    ``probs`` is sorted in place (saves a copy of it); ``ranks``: ``[nb]`` 0..nb-1 when the caller has them."""
     if threshold >= 1.0:
         out.copy_(candidates.expand(out.shape))
         return
     # A stable descending sort puts the candidates first: non-candidates have probability 0 and,
     # as a row's candidates are a prefix, larger indices than its zero-probability candidates.
-    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    order = torch.empty(probs.shape, dtype=torch.int64, device=probs.device)
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True, out=(probs, order))
     below = (ordered.cumsum(dim=-1) < threshold).sum(dim=-1, keepdim=True)  # rank that reaches it
     if ranks is None:
         ranks = torch.arange(probs.shape[-1], device=probs.device)
@@ -169,14 +170,24 @@ def forced_tiles(
     n_blocks = -(-perm.shape[-1] // block_size)
     grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, perm.shape[-1],
                      block_size, segment_size, perm.device)
-    return _forced(perm, block_size, grid)
+    forced = torch.zeros(*perm.shape[:2], grid.query_start.shape[0], n_blocks, dtype=torch.bool, device=perm.device)
+    _force_into(forced, perm, block_size, grid)
+    return forced
 
 
-def _forced(perm: torch.Tensor, block_size: int, grid: TileGrid) -> torch.Tensor:
-    first_pos = block_first_positions(perm, block_size)
-    own = (grid.query_segment == grid.key_segment) & (first_pos[:, :, None, :] <= grid.query_end)
-    sink = (first_pos == 0)[:, :, None, :]
-    return own | sink
+def _force_into(tiles: torch.Tensor, perm: torch.Tensor, block_size: int, grid: TileGrid) -> None:
+    """Adds :func:`forced_tiles` to ``tiles [B, Hq, nbq, nb]`` (contiguous) in place: writes only the
+    own segment's columns and the sink's column, not the whole table."""
+    batch, perm_heads = perm.shape[:2]
+    first_pos = block_first_positions(perm, block_size)  # [B, Hp, nb]
+    by_perm_row = tiles.view(batch, perm_heads, -1, *tiles.shape[2:])
+    own = grid.own_columns.expand(*by_perm_row.shape[:3], -1, -1)
+    visible = (first_pos[:, :, grid.own_columns] <= grid.query_end)[:, :, None]
+    # own_columns repeats the last block past a short last segment: the values written depend only
+    # on (row, column), so the repeated writes agree
+    by_perm_row.scatter_(-1, own, by_perm_row.gather(-1, own) | visible)
+    sink = first_pos.argmin(dim=-1)  # the one block holding original position 0
+    by_perm_row.scatter_(-1, sink[:, :, None, None, None].expand(*by_perm_row.shape[:-1], 1), True)
 
 
 # Row bands per selection or block-list pass: each band is a few more kernel launches.
@@ -240,7 +251,6 @@ def select_tiles(
     grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
     candidates = _candidates(grid)
     bias = _candidate_bias(candidates)  # once: each band reads its slice
-    forced = _forced(perm, block_size, grid)
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
     bands = _row_bands(q_blocks, segment_size // block_size, first_query_block)
@@ -256,6 +266,5 @@ def select_tiles(
                 bias[r0:r1, :columns], scale,
             )
             _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold, grid.columns[:columns])
-    by_perm_row = tiles.view(batch, forced.shape[1], -1, q_blocks, n_blocks)
-    by_perm_row |= forced[:, :, None]
+    _force_into(tiles, perm, block_size, grid)
     return tiles

@@ -37,13 +37,35 @@ def bucket_length(seq_len: int, block_size: int) -> int:
 # default on the H100 for half precision); a block that is not a multiple of the tile fails to lower.
 _MAX_GPU_TILE = 128
 
+# Hopper (sm90), half precision, head dim 128, blocks of 128: 128x128 tiles with TMA loads ran the
+# PBS attention stage 8% faster than torch 2.11's defaults (128x64, 3 stages) at 128K (bench/levers.py,
+# bench/RESULTS.md); 3 stages of 128x128 overflow shared memory with the PBS mask_mod.
+SM90_KERNEL_OPTIONS = {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 
-def flex_kernel_options(device_type: str, block_size: int, kernel_options: dict | None) -> dict | None:
-    """``kernel_options`` with GPU tiles that divide ``block_size`` (given ones are kept).
+
+def tuned_kernel_options(
+    capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int, block_size: int
+) -> dict | None:
+    """flexpbs's kernel options where they were measured to beat FlexAttention's defaults, else None.
+
+    Args:
+        capability: CUDA compute capability of the device, None off CUDA.
+    """
+    if capability == (9, 0) and dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and block_size % 128 == 0:
+        return dict(SM90_KERNEL_OPTIONS)
+    return None
+
+
+def flex_kernel_options(
+    device_type: str, block_size: int, kernel_options: dict | None, default: dict | None = None
+) -> dict | None:
+    """``kernel_options`` (``default`` when None) with GPU tiles that divide ``block_size``
+    (given ones are kept).
 
     Raises:
         ValueError: on CUDA, ``block_size`` not a multiple of 16 (the smallest Triton dot tile).
     """
+    kernel_options = default if kernel_options is None else kernel_options
     if device_type != "cuda" or block_size % _MAX_GPU_TILE == 0:
         return kernel_options
     tile = min(block_size & -block_size, _MAX_GPU_TILE)  # largest power of two dividing block_size
@@ -74,7 +96,8 @@ def sparse_attention(
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot, permuting only inside
             segments of ``segment_size`` keys.
         kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
-            value compiles its own kernel.
+            value compiles its own kernel. None: :func:`tuned_kernel_options` where they apply,
+            FlexAttention's defaults elsewhere.
 
     Returns:
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
@@ -97,6 +120,8 @@ def sparse_attention(
     block_mask = build_block_mask(
         tiles, perm, block_size, segment_size, query_start=n - q_total, q_len=query.shape[2]
     )
+    capability = torch.cuda.get_device_capability(query.device) if query.device.type == "cuda" else None
+    tuned = tuned_kernel_options(capability, query.dtype, query.shape[-1], block_size)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = _compiled_flex_attention(
             query,
@@ -105,6 +130,6 @@ def sparse_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key_p.shape[1] != query.shape[1],
-            kernel_options=flex_kernel_options(query.device.type, block_size, kernel_options),
+            kernel_options=flex_kernel_options(query.device.type, block_size, kernel_options, tuned),
         )
     return out[:, :, lead:q_total] if lead or q_pad else out

@@ -163,3 +163,24 @@ def test_gpu_kernel_tiles_divide_the_block_size():
     assert flex_kernel_options("cpu", 8, None) is None
     with pytest.raises(ValueError, match="block_size must be a multiple of 16"):
         flex_kernel_options("cuda", 24, None)
+    # a default applies only when the caller gives no options, and gets tiles that divide the block
+    assert flex_kernel_options("cuda", 128, None, {"num_warps": 8}) == {"num_warps": 8}
+    assert flex_kernel_options("cuda", 128, {"num_stages": 2}, {"num_warps": 8}) == {"num_stages": 2}
+    assert flex_kernel_options("cuda", 64, None, {"num_warps": 8}) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
+
+
+def test_tuned_kernel_options_only_where_measured():
+    """The sm90 tuning was measured for half precision, head dim 128 and blocks of 128 only."""
+    from flexpbs.sparse_attention import SM90_KERNEL_OPTIONS, tuned_kernel_options
+
+    assert tuned_kernel_options((9, 0), torch.bfloat16, 128, 128) == SM90_KERNEL_OPTIONS
+    assert tuned_kernel_options((9, 0), torch.float16, 128, 256) == SM90_KERNEL_OPTIONS
+    for capability, dtype, head_dim, block in [
+        (None, torch.bfloat16, 128, 128),
+        ((8, 0), torch.bfloat16, 128, 128),
+        ((10, 0), torch.bfloat16, 128, 128),
+        ((9, 0), torch.float32, 128, 128),
+        ((9, 0), torch.bfloat16, 64, 128),
+        ((9, 0), torch.bfloat16, 128, 64),
+    ]:
+        assert tuned_kernel_options(capability, dtype, head_dim, block) is None
