@@ -5,7 +5,8 @@
     PYTHONPATH=$PWD python bench/attention.py --workload real --qkv qkv_licenses_8192.pt --layers 3 12 20
     PYTHONPATH=$PWD python bench/attention.py --densities 0.05 0.1 0.2 0.4 0.8 --lengths 131072
 
-Methods (``--methods``): ``flexpbs`` (with a per-stage breakdown), ``noperm`` (the same selector
+Methods (``--methods``): ``flexpbs`` (with a per-stage breakdown), ``flexpbs_flash`` (``backend="flash"``:
+FlexAttention's FLASH backend, when flash-attn-4 is importable), ``noperm`` (the same selector
 without permutation), the options beyond the paper end to end (``guard``: ``max_shrink=0.1``;
 ``guard_last``: with ``exact_last_block=True``; ``last``: PBS with ``exact_last_block=True``;
 ``noperm_last``: no permutation with ``exact_last_block=True``), ``flex_causal`` (dense compiled FlexAttention), ``cudnn`` and ``fa2`` (SDPA
@@ -36,16 +37,17 @@ import flexpbs
 from flexpbs import PBSConfig
 from flexpbs.permutation import identity_permutation
 from flexpbs.selection import candidate_tiles, forced_tiles
-from flexpbs.sparse_attention import _compiled_flex_attention, sparse_attention
+from flexpbs.sparse_attention import _compiled_flex_attention, _flash_available, sparse_attention
 from checks import sample_rows
 from stages import stage_calls
 from workloads import real_qkv, synthetic_qkv
 
 DEV = torch.device("cuda")
 DENSE = ("flex_causal", "cudnn", "fa2")
-# flexpbs option sets by method name; the first two also get a per-stage breakdown.
+# flexpbs option sets by method name; flexpbs, flexpbs_flash and noperm also get a per-stage breakdown.
 PBS_METHODS: dict[str, dict] = {
     "flexpbs": {},
+    "flexpbs_flash": {"backend": "flash"},
     "noperm": {"permutation": "none"},
     "guard": {"max_shrink": 0.1},
     "guard_last": {"max_shrink": 0.1, "exact_last_block": True},
@@ -130,11 +132,14 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
     for method in args.methods:
         if method in PBS_METHODS:
             cfg = PBSConfig(threshold=args.threshold, **PBS_METHODS[method])
+            if cfg.backend == "flash" and not _flash_available():
+                print(f"{label} N={n} {method}: flash_attn.cute (flash-attn-4) is not importable, skipped")
+                continue
             _, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
             density = stats.density.mean().item()
             extra = {"sorted_heads": stats.sorted_rows.float().mean().item()}
-            if method in ("flexpbs", "noperm"):
-                extra["stages"] = flexpbs_stages(q, k, v, cfg, None)
+            if method in ("flexpbs", "flexpbs_flash", "noperm"):
+                extra["stages"] = flexpbs_stages(q, k, v, cfg, {"BACKEND": "FLASH"} if cfg.backend == "flash" else None)
             record(method, lambda: flexpbs.attention(q, k, v, config=cfg), density, extra)
         elif method == "flex_causal":
             causal = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device=DEV, _compile=True)
@@ -257,7 +262,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--methods", nargs="+", default=["flexpbs", "noperm", "flex_causal", "cudnn", "fa2", "pbs_attn"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["flexpbs", "flexpbs_flash", "noperm", "flex_causal", "cudnn", "fa2", "pbs_attn"])
     parser.add_argument("--workload", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument("--qkv", help="q/k/v captured by bench/quality.py (--workload real)")
     parser.add_argument("--layers", type=int, nargs="+", default=[12])

@@ -7,14 +7,14 @@ from dataclasses import fields
 import torch
 import torch.nn.functional as F
 
-from flexpbs.config import GQAMode, PBSConfig, PBSStats, Permutation, Scorer
+from flexpbs.config import Backend, GQAMode, PBSConfig, PBSStats, Permutation, Scorer
 from flexpbs.head_guard import keep_sorted_order, mix_orders
 from flexpbs.importance import key_importance, resolve_scorer
 from flexpbs.last_block import last_block_tiles
 from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
-from flexpbs.sparse_attention import sparse_attention
+from flexpbs.sparse_attention import flash_kernel_options, sparse_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULTS = PBSConfig()
@@ -42,6 +42,7 @@ def attention(
     permutation: Permutation = "segment",
     max_shrink: float | None = None,
     exact_last_block: bool = False,
+    backend: Backend = "triton",
     config: PBSConfig | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats | list[PBSStats]]:
@@ -70,7 +71,7 @@ def attention(
             padding alike. Each sequence with padding runs on its own (the lengths are read on the
             host: not CUDA-graph capturable); sequences without padding run batched.
         block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation,
-            max_shrink, exact_last_block: see :class:`PBSConfig`.
+            max_shrink, exact_last_block, backend: see :class:`PBSConfig`.
         config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
             defaults.
         return_stats: also return a :class:`PBSStats`; with ``valid_keys``, a list of B
@@ -106,10 +107,13 @@ def attention(
         permutation=permutation,
         max_shrink=max_shrink,
         exact_last_block=exact_last_block,
+        backend=backend,
     )
     changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
     cfg = PBSConfig.resolve(config, changed)
     _check_inputs(query, key, value)
+    if cfg.backend == "flash":
+        flash_kernel_options(query, value, cfg.block_size)  # unsupported inputs fail before any work
     if valid_keys is not None:
         check_valid_keys(valid_keys, key)
     if torch.compiler.is_compiling():
@@ -248,7 +252,8 @@ def _pbs_heads(
         )
         tiles[:, :, -1] |= last_row.repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
     out = sparse_attention(
-        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale
+        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale,
+        backend=cfg.backend,
     )
     return out, tiles, perm, sorted_rows
 
@@ -305,6 +310,7 @@ def _attention_op(
     permutation: str,
     max_shrink: float | None,
     exact_last_block: bool,
+    backend: str,
 ) -> torch.Tensor:
     cfg = PBSConfig(
         block_size,
@@ -317,6 +323,7 @@ def _attention_op(
         permutation,
         max_shrink,
         exact_last_block,
+        backend,
     )
     if valid_keys is not None:
         out = padded_attention(query, key, value, valid_keys, cfg, _pbs_attention, return_stats=False)

@@ -15,6 +15,8 @@ Scorer = Literal["auto", "triton", "torch"]
 SCORERS: tuple[str, ...] = ("auto", "triton", "torch")
 Permutation = Literal["segment", "none"]
 PERMUTATIONS: tuple[str, ...] = ("segment", "none")
+Backend = Literal["triton", "flash"]
+BACKENDS: tuple[str, ...] = ("triton", "flash")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -57,6 +59,11 @@ class PBSConfig:
             blocks, in descending EXACT attention mass of the last ``block_size`` queries (known
             from the importance pass, which then also runs for ``permutation="none"``), whose
             share reaches ``threshold`` (see :mod:`flexpbs.last_block`). Adds tiles, never removes any.
+        backend: FlexAttention kernel of the attention stage. ``"triton"``: its Triton kernels
+            (its C++ kernel on CPU). ``"flash"``: its FLASH backend, flash-attn-4's CuTe DSL
+            kernels (optional package ``flash-attn-4``, experimental in torch): CUDA, float16 or
+            bfloat16, head dim 128 and ``block_size`` 128 only (what was checked); ImportError
+            when the package is missing, ValueError for other inputs.
     """
 
     block_size: int = 128
@@ -69,6 +76,7 @@ class PBSConfig:
     permutation: Permutation = "segment"
     max_shrink: float | None = None
     exact_last_block: bool = False
+    backend: Backend = "triton"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -106,6 +114,8 @@ class PBSConfig:
                 )
         if not isinstance(self.exact_last_block, bool):
             raise TypeError(f"exact_last_block must be a bool, got {type(self.exact_last_block).__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def resolve(cls, config: PBSConfig | None, options: Mapping[str, Any]) -> PBSConfig:

@@ -11,6 +11,9 @@ separately (a chunk has fewer queries than keys); a chunk's queries are also pre
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -74,6 +77,38 @@ def flex_kernel_options(
     return {"BLOCK_M": tile, "BLOCK_N": tile, **(kernel_options or {})}
 
 
+@functools.cache
+def _flash_available() -> bool:
+    try:  # imports the CuTe DSL: seconds, once
+        importlib.import_module("flash_attn.cute")
+    except ImportError:
+        return False
+    return True
+
+
+def flash_kernel_options(query: torch.Tensor, value: torch.Tensor, block_size: int) -> dict:
+    """FlexAttention's kernel options for its FLASH backend (``backend="flash"``), after checking
+    that the inputs are what was checked on it.
+
+    Raises:
+        ValueError: a query off CUDA, not float16/bfloat16, head dims other than 128, or
+            ``block_size`` other than 128 (flash-attn-4's Hopper tile for head dim 128).
+        ImportError: ``flash_attn.cute`` (package ``flash-attn-4``) is not importable.
+    """
+    if query.device.type != "cuda":
+        raise ValueError(f"backend='flash' runs on CUDA only, got a query on {query.device.type}")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"backend='flash' needs float16 or bfloat16 inputs, got {query.dtype}")
+    if query.shape[-1] != 128 or value.shape[-1] != 128 or block_size != 128:
+        raise ValueError(
+            f"backend='flash' is checked for head_dim 128 and block_size 128 only, got head dims "
+            f"{query.shape[-1]}/{value.shape[-1]} and block_size {block_size}"
+        )
+    if not _flash_available():
+        raise ImportError("backend='flash' needs flash_attn.cute: pip install flash-attn-4")
+    return {"BACKEND": "FLASH"}
+
+
 def sparse_attention(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -85,6 +120,7 @@ def sparse_attention(
     segment_size: int,
     scale: float,
     kernel_options: dict | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """Attention of original-order queries over permuted keys, on the selected tiles only.
 
@@ -98,6 +134,8 @@ def sparse_attention(
         kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
             value compiles its own kernel. None: :func:`tuned_kernel_options` where they apply,
             FlexAttention's defaults elsewhere.
+        backend: ``"triton"`` or ``"flash"`` (see :class:`flexpbs.PBSConfig`); ``"flash"`` adds
+            ``BACKEND="FLASH"`` to ``kernel_options``.
 
     Returns:
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
@@ -120,6 +158,8 @@ def sparse_attention(
     block_mask = build_block_mask(
         tiles, perm, block_size, segment_size, query_start=n - q_total, q_len=query.shape[2]
     )
+    if backend == "flash":
+        kernel_options = {**flash_kernel_options(query, value_p, block_size), **(kernel_options or {})}
     capability = torch.cuda.get_device_capability(query.device) if query.device.type == "cuda" else None
     tuned = tuned_kernel_options(capability, query.dtype, query.shape[-1], block_size)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):

@@ -32,6 +32,7 @@ from flexpbs import PBSConfig
         (dict(max_shrink=True), TypeError, "max_shrink"),
         (dict(max_shrink=0.1, permutation="none"), ValueError, "max_shrink"),
         (dict(exact_last_block=1), TypeError, "exact_last_block"),
+        (dict(backend="cudnn"), ValueError, "backend"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, error, name):
@@ -81,3 +82,41 @@ def test_scorer_option(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="scorer"):
         flexpbs.attention(q, q, q, scorer="triton")
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size, match",
+    [
+        (torch.bfloat16, 128, 128, "CUDA only"),  # CPU tensors: no FLASH backend
+        (torch.float32, 128, 128, "CUDA only"),
+    ],
+)
+def test_flash_backend_rejects_what_it_cannot_run(dtype, head_dim, block_size, match):
+    """backend='flash' fails before any work, naming the backend, even where a call would run dense."""
+    q = torch.randn(1, 2, 64, head_dim, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        flexpbs.attention(q, q, q, backend="flash", block_size=block_size)
+
+
+def test_flash_kernel_options_checks_dtype_dims_and_block(monkeypatch):
+    """The checks after the device one, on meta tensors that claim to be on CUDA."""
+    from flexpbs import sparse_attention as sa
+
+    class _Cuda:
+        type = "cuda"
+
+    def fake(dtype, head_dim):
+        t = torch.empty(1, 2, 256, head_dim, dtype=dtype, device="meta")
+        return type("Q", (), {"device": _Cuda(), "dtype": t.dtype, "shape": t.shape})()
+
+    monkeypatch.setattr(sa, "_flash_available", lambda: True)
+    assert sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 128) == {"BACKEND": "FLASH"}
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        sa.flash_kernel_options(fake(torch.float32, 128), fake(torch.float32, 128), 128)
+    with pytest.raises(ValueError, match="head_dim 128 and block_size 128"):
+        sa.flash_kernel_options(fake(torch.bfloat16, 64), fake(torch.bfloat16, 64), 128)
+    with pytest.raises(ValueError, match="block_size 128"):
+        sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 64)
+    monkeypatch.setattr(sa, "_flash_available", lambda: False)
+    with pytest.raises(ImportError, match="flash-attn-4"):
+        sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 128)

@@ -1,0 +1,39 @@
+"""GPU checks of ``backend="flash"`` (FlexAttention's FLASH backend, flash-attn-4): ``pytest tests_gpu``.
+
+Needs the optional ``flash-attn-4`` package; without it this module is skipped as a whole.
+"""
+
+import pytest
+import torch
+
+import flexpbs
+from flexpbs import reference
+from tests.helpers import Case, make_qkv
+
+if not torch.cuda.is_available():
+    raise RuntimeError("tests_gpu needs a CUDA device")
+pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
+
+
+@pytest.mark.parametrize(
+    "batch, kv_heads, group, seq_len, n_queries, gqa",
+    [
+        (1, 2, 4, 8192, 8192, "shared"),  # a bucket length
+        (2, 2, 2, 5000, 5000, "per_head"),  # padded to a bucket
+        (1, 2, 4, 8200, 3000, "shared"),  # a chunk: queries at the last positions
+    ],
+)
+def test_flash_backend_matches_triton_and_the_reference(batch, kv_heads, group, seq_len, n_queries, gqa):
+    case = Case(batch=batch, kv_heads=kv_heads, group=group, seq_len=seq_len, head_dim=128, block_size=128,
+                segment_size=256, seed=seq_len, sharpness=2.0)
+    q, k, v = (x.cuda() for x in make_qkv(case, torch.bfloat16))
+    q = q[:, :, seq_len - n_queries :]
+    out, stats = flexpbs.attention(q, k, v, gqa=gqa, backend="flash", return_stats=True)
+    triton_out, triton_stats = flexpbs.attention(q, k, v, gqa=gqa, return_stats=True)
+    assert torch.equal(stats.block_mask, triton_stats.block_mask)  # selection does not depend on it
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), triton_out.float(), rtol=0, atol=3e-2)
+    # float32 attention over exactly the reported tiles, causal on original positions
+    mask = reference.token_mask(stats.block_mask, stats.permutation, 128, n_queries)
+    want = reference.masked_attention(q, k, v, mask, 128**-0.5)
+    torch.testing.assert_close(out.float().cpu(), want, rtol=0, atol=3e-2)
