@@ -20,8 +20,8 @@ class PBSAttention(nn.Module):
     Args:
         config: a :class:`PBSConfig`; ``None`` builds one from ``options``.
         **options: :class:`PBSConfig` fields (``block_size``, ``segment_size``, ``threshold``,
-            ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``, ``max_shrink``); not together with
-            ``config``.
+            ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``, ``max_shrink``,
+            ``exact_last_block``, ``backend``); not together with ``config``.
 
     ``forward(query [B, Hq, Nq, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv], valid_keys=None)
     -> [B, Hq, Nq, Dv]`` equals ``flexpbs.attention(query, key, value, valid_keys=valid_keys,
