@@ -16,6 +16,8 @@ import argparse
 import traceback
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexpbs
 import flexpbs.api as api
@@ -117,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--backend", default="triton", choices=["triton", "flash"], help="for the graph lever")
     parser.add_argument("--options", nargs="+", default=list(KERNEL_OPTIONS), choices=list(KERNEL_OPTIONS),
                         help="kernel options compared by the kernel_options lever")
     args = parser.parse_args()
@@ -151,10 +154,14 @@ def main() -> None:
                 selection.block_scores, selection.threshold_tiles = eager_scores, eager_threshold
             print(rows[-1], flush=True)
         if "graph" in args.levers:
-            cfg = PBSConfig()
+            cfg = PBSConfig(backend=args.backend)
             call = lambda: flexpbs.attention(q, k, v, config=cfg)  # noqa: E731
-            call()
-            rows.append((n, "flexpbs eager call", ms(call), f"host syncs per call: {host_syncs(call)}"))
+            ref = call()
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # the ratio's baseline, in the same run
+                cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+                rows.append((n, "SDPA cuDNN dense causal", ms(cudnn), ""))
+            rows.append((n, f"flexpbs eager call, backend={args.backend}", ms(call),
+                         f"host syncs per call: {host_syncs(call)}"))
             print(rows[-1], flush=True)
             try:
                 static_out = call()
@@ -168,7 +175,8 @@ def main() -> None:
                     static_out = call()
                 graph.replay()
                 diff = (static_out.float() - ref.float()).abs().max().item()
-                rows.append((n, "flexpbs in a CUDA graph (replay)", ms(graph.replay), f"diff vs eager {diff:.1e}"))
+                rows.append((n, f"flexpbs in a CUDA graph (replay), backend={args.backend}", ms(graph.replay),
+                             f"diff vs eager {diff:.1e}"))
             except Exception as e:
                 traceback.print_exc()
                 rows.append((n, "flexpbs in a CUDA graph", float("nan"), f"capture failed: {type(e).__name__}: {e}"[:200]))
