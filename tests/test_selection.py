@@ -8,6 +8,7 @@ from flexpbs.permutation import block_position_bounds, permute_kv, segment_permu
 from flexpbs.selection import (
     block_scores,
     candidate_tiles,
+    forced_tiles,
     pool_blocks,
     select_tiles,
     threshold_tiles,
@@ -134,6 +135,17 @@ def test_threshold_one_keeps_every_candidate_even_if_probabilities_underflow():
     ]
 
 
+def test_threshold_tiles_leaves_its_input_alone():
+    """The selection sorts its own probabilities in place; the public function must not."""
+    probs = torch.tensor([[[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.3, 0.7, 0.0]]]])
+    cand = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
+    before = probs.clone()
+    assert threshold_tiles(probs, cand, 0.5)[0, 0].tolist() == [
+        [False, False, False], [True, False, False], [False, True, False]
+    ]
+    assert torch.equal(probs, before)
+
+
 def test_partial_last_block_is_pooled_over_real_tokens():
     x = torch.arange(10.0).view(1, 1, 10, 1)
     pooled = pool_blocks(x, 4)
@@ -166,3 +178,35 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
         whole_chunk = select_tiles(chunk, k_p, perm, **options)
     assert nb >= 257 and torch.equal(banded, whole)
     assert torch.equal(banded_chunk, whole_chunk)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 700),
+    block=st.sampled_from([16, 32, 64]),
+    seg_blocks=st.integers(1, 4),
+    first_query_block=st.integers(0, 5),
+)
+def test_forced_tiles_match_their_definition(seed, n, block, seg_blocks, first_query_block):
+    """Sink block and own-segment blocks holding a key at or before the query block's last query,
+    written column by column (short last segments included), against the definition tile by tile."""
+    segment = block * seg_blocks
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.arange(n).repeat(1, 2, 1)
+    for h in range(2):
+        for s0 in range(0, n // segment * segment, segment):
+            perm[0, h, s0 : s0 + segment] = s0 + torch.randperm(segment, generator=gen)
+    nb = -(-n // block)
+    first_query_block = min(first_query_block, nb - 1)
+    got = forced_tiles(perm, block, segment, first_query_block)
+    first_pos, _ = block_position_bounds(perm, block)
+    want = torch.zeros(1, 2, nb - first_query_block, nb, dtype=torch.bool)
+    for h in range(2):
+        for i in range(nb - first_query_block):
+            row_block = first_query_block + i
+            last_query = min((row_block + 1) * block, n) - 1
+            for j in range(nb):
+                own = j // seg_blocks == row_block // seg_blocks and first_pos[0, h, j] <= last_query
+                want[0, h, i, j] = own or bool(first_pos[0, h, j] == 0)
+    assert torch.equal(got, want)
