@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python bench/levers.py --lengths 32768 131072
 
-Levers: FlexAttention kernel_options for the attention stage (tile sizes, warps, pipeline stages);
+Levers: FlexAttention kernel_options for the attention stage (tile sizes, warps, pipeline stages, TMA,
+the FLASH backend: ``--levers kernel_options --options default FLASH``);
 torch.compile of the selection stage; host synchronisations in one flexpbs call; capture of the whole
 call in a CUDA graph (replay time vs eager); the number of row bands of the selection and block
 lists; the head-chunking memory floor (time and peak memory of a
@@ -39,6 +40,8 @@ KERNEL_OPTIONS = {
     "USE_TMA 128x128 w8 s2": {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     "PRESCALE_QK": {"PRESCALE_QK": True},
     "64x128 w4 s3": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    # FlexAttention's FLASH backend (backend="flash"); reported as failed when flash-attn-4 is missing
+    "FLASH": {"BACKEND": "FLASH"},
 }
 # Kernel options are timed in interleaved rounds: a long run drifts (clocks, heat) by several percent.
 ROUNDS = 3

@@ -126,10 +126,10 @@ def build_block_mask(
     # Full: every key of the tile precedes the block's first query (every earlier-segment tile and
     # some own-segment ones). Partial: the other own-segment tiles; tiles of later segments hold no
     # visible key and are left out of both lists.
-    by_perm_row = (batch, perm.shape[1], q_heads // perm.shape[1], q_blocks)
+    by_perm_row = tiles.view(batch, perm.shape[1], q_heads // perm.shape[1], q_blocks, n_blocks)
     all_before = last_pos[:, :, None, None, :] <= grid.query_start
-    full = (tiles.view(*by_perm_row, n_blocks) & all_before).view(tiles.shape)
-    own_tiles = tiles.view(*by_perm_row, n_blocks).gather(-1, grid.own_columns.expand(*by_perm_row, -1))
+    full = (by_perm_row & all_before).view(tiles.shape)
+    own_tiles = by_perm_row.gather(-1, grid.own_columns.expand(*by_perm_row.shape[:-1], -1))
     own_later = (last_pos[:, :, grid.own_columns] > grid.query_start)[:, :, None]
     partial = (own_tiles & own_later & grid.own_valid).view(batch, q_heads, q_blocks, -1)
     kv_num, kv_idx = _partial_lists(partial, grid, n_blocks)

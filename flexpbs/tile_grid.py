@@ -1,7 +1,8 @@
 """Index vectors of the (query block, key block) grid that depend only on shapes, cached per shape.
 
 Each is a few kernel launches, and below ~32K tokens a call is bound by the host time of its
-launches, so they are built once per shape (a few vectors of nb int64 each) and reused. Query block
+launches, so they are built once per shape (a few vectors of nb int64 each, and the own segment's
+nbq x blocks-per-segment columns) and reused. Query block
 i lies in key block ``first_query_block + i`` (see :mod:`flexpbs.selection`).
 """
 
