@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD python bench/attention.py --lengths 262144 524288 --methods flexpbs cudnn
     PYTHONPATH=$PWD python bench/attention.py --workload real --qkv qkv_licenses_8192.pt --layers 3 12 20
     PYTHONPATH=$PWD python bench/attention.py --densities 0.05 0.1 0.2 0.4 0.8 --lengths 131072
+    PYTHONPATH=$PWD python bench/attention.py --lengths 131072 --seeds 0 1 2 3 --methods flexpbs cudnn
 
 Methods (``--methods``): ``flexpbs`` (with a per-stage breakdown), ``flexpbs_flash`` (``backend="flash"``:
 FlexAttention's FLASH backend, when flash-attn-4 is importable), ``noperm`` (the same selector
@@ -40,7 +41,7 @@ from flexpbs.selection import candidate_tiles, forced_tiles
 from flexpbs.sparse_attention import _compiled_flex_attention, _flash_available, sparse_attention
 from checks import sample_rows
 from stages import stage_calls
-from workloads import real_qkv, synthetic_qkv
+from workloads import real_qkv, synthetic_qkv, synthetic_spec
 
 DEV = torch.device("cuda")
 DENSE = ("flex_causal", "cudnn", "fa2")
@@ -138,7 +139,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
             _, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
             density = stats.density.mean().item()
             extra = {"sorted_heads": stats.sorted_rows.float().mean().item()}
-            if method in ("flexpbs", "flexpbs_flash", "noperm"):
+            if method in ("flexpbs", "flexpbs_flash", "noperm") and not args.no_stages:
                 extra["stages"] = flexpbs_stages(q, k, v, cfg, {"BACKEND": "FLASH"} if cfg.backend == "flash" else None)
             record(method, lambda: flexpbs.attention(q, k, v, config=cfg), density, extra)
         elif method == "flex_causal":
@@ -269,6 +270,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[12])
     parser.add_argument("--densities", type=float, nargs="*", default=[], help="fixed-density mode")
     parser.add_argument("--rows", type=int, default=64, help="random query rows checked against dense")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="synthetic draws per length (rows of seed s > 0 are labelled 'synthetic s<s>')")
+    parser.add_argument("--spec", nargs="*", default=[], metavar="KNOB=VALUE",
+                        help="synthetic workload knobs other than the defaults (workloads.Synthetic)")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,14 +287,17 @@ def main() -> None:
             q, k, v = real_qkv(args.qkv, layer, device=DEV)
             results += run_length(q, k, v, args, f"real L{layer}")
     else:
+        spec = synthetic_spec(args.spec)
         for n in args.lengths:
-            q, k, v = synthetic_qkv(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, device=DEV)
-            if args.densities:
-                fixed += fixed_density(q, k, v, args.densities, None)
-            else:
-                results += run_length(q, k, v, args, "synthetic")
-            del q, k, v
-            torch.cuda.empty_cache()
+            for seed in args.seeds:
+                q, k, v = synthetic_qkv(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, device=DEV,
+                                        seed=seed, spec=spec)
+                if args.densities:
+                    fixed += fixed_density(q, k, v, args.densities, None)
+                else:
+                    results += run_length(q, k, v, args, "synthetic" if seed == 0 else f"synthetic s{seed}")
+                del q, k, v
+                torch.cuda.empty_cache()
     (args.out / "attention.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                                          "results": results, "fixed_density": fixed}, indent=1))
     plot(results, fixed, args.out)

@@ -1,6 +1,6 @@
 """GPU: host (CPU) time of each flexpbs stage, and whether a stage waits for the GPU.
 
-    PYTHONPATH=$PWD python bench/host_overhead.py --lengths 32768 131072
+    PYTHONPATH=$PWD python bench/host_overhead.py --lengths 32768 131072 [--backend flash]
 
 Each stage is called while the GPU is still busy with a ~0.5 s sleep kernel: the host time it takes
 is then its launch overhead, unless it waits for the GPU (a hidden synchronisation, e.g. an
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--backend", default="triton", choices=["triton", "flash"])
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     torch.cuda.synchronize()
@@ -53,8 +54,9 @@ def main() -> None:
     rows = []
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
-        stages = stage_calls(q, k, v, PBSConfig(scorer="triton"))
-        stages["whole call"] = lambda: flexpbs.attention(q, k, v)
+        cfg = PBSConfig(scorer="triton", backend=args.backend)
+        stages = stage_calls(q, k, v, cfg, {"BACKEND": "FLASH"} if args.backend == "flash" else None)
+        stages["whole call"] = lambda: flexpbs.attention(q, k, v, config=cfg)
         # What one launch costs: the importance kernels without the custom op around them, and a
         # plain eager op, as yardsticks for the stage times above.
         scale = q.shape[-1] ** -0.5
@@ -67,10 +69,10 @@ def main() -> None:
             fn()
             rows.append((n, name, host_ms(fn)))
             print(rows[-1], flush=True)
-        flexpbs.attention(q, k, v)
+        flexpbs.attention(q, k, v, config=cfg)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            flexpbs.attention(q, k, v)
+            flexpbs.attention(q, k, v, config=cfg)
             torch.cuda.synchronize()
         print(f"\nN={n}: host ops of one call by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))

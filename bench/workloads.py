@@ -56,6 +56,18 @@ class Synthetic:
     head_spread: float = 0.5  # per-head log-normal spread of the sink/band/topic strengths
 
 
+def synthetic_spec(overrides: list[str]) -> Synthetic:
+    """The default :class:`Synthetic` with ``KNOB=VALUE`` overrides (command-line form)."""
+    knobs = {f.name for f in fields(Synthetic)}
+    values = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in knobs:
+            raise ValueError(f"spec overrides must be KNOB=VALUE with KNOB one of {sorted(knobs)}, got {item!r}")
+        values[name] = type(getattr(Synthetic(), name))(value)
+    return Synthetic(**values)
+
+
 def synthetic_qkv(
     batch: int,
     q_heads: int,
@@ -168,15 +180,22 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="draws per length (the harness uses 0)")
     for f in fields(Synthetic):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args()
     spec = Synthetic(**{f.name: getattr(args, f.name) for f in fields(Synthetic)})
     print(spec)
     for n in args.lengths:
-        q, k, v = synthetic_qkv(1, *args.heads, n, 128, dtype=torch.float32, spec=spec)
-        pbs, none = _densities(q, k, v, args.threshold)
-        print(f"N={n:7d}: PBS density {pbs:.3f}, no permutation {none:.3f}", flush=True)
+        draws = []
+        for seed in args.seeds:
+            q, k, v = synthetic_qkv(1, *args.heads, n, 128, dtype=torch.float32, seed=seed, spec=spec)
+            draws.append(_densities(q, k, v, args.threshold))
+            del q, k, v
+            print(f"N={n:7d} seed {seed}: PBS density {draws[-1][0]:.3f}, no permutation {draws[-1][1]:.3f}", flush=True)
+        if len(draws) > 1:
+            pbs, none = (sum(d) / len(d) for d in zip(*draws))
+            print(f"N={n:7d} mean of {len(draws)} seeds: PBS density {pbs:.3f}, no permutation {none:.3f}", flush=True)
 
 
 if __name__ == "__main__":
