@@ -87,28 +87,49 @@ def block_scores(
     Returns:
         ``[B, Hq, nbq, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
     """
+    group = pooled_q.shape[1] // pooled_k.shape[1]
+    bias = _candidate_bias(candidates.repeat_interleave(group, dim=0))
+    probs = _candidate_softmax(_group_rows(pooled_q, group), pooled_k.transpose(-1, -2), bias, scale)
     # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
-    return _candidate_softmax(pooled_q, pooled_k, _candidate_bias(candidates), scale).nan_to_num_(0.0)
+    return rearrange(probs, "b k (i g) j -> b (k g) i j", g=group).nan_to_num_(0.0)
+
+
+def _group_rows(pooled_q: torch.Tensor, group: int) -> torch.Tensor:
+    """``[B, Hq, nbq, D]`` -> ``[B, Hp, nbq * group, D]``: the query heads sharing pooled keys as
+    rows ordered (query block, head in group), so a range of query blocks is one slice of rows."""
+    return rearrange(pooled_q, "b (k g) i d -> b k (i g) d", g=group).contiguous()
 
 
 def _candidate_bias(candidates: torch.Tensor) -> torch.Tensor:
-    """``[nbq, nb]`` float32 logit bias: 0 on the candidates, -inf elsewhere."""
+    """``[rows, nb]`` float32 logit bias: 0 on the candidates, -inf elsewhere."""
     return torch.where(candidates, 0.0, float("-inf"))
 
 
+def _candidate_ranks(candidates: torch.Tensor) -> torch.Tensor:
+    """``[rows, nb]`` int64: the column's index where it is a candidate, else past any rank.
+
+    Read by rank: as a row's candidates are a prefix of its columns, rank r is one of its candidates
+    exactly when column r is, so ``ranks <= last kept rank`` keeps candidates only.
+    """
+    columns = torch.arange(candidates.shape[-1], device=candidates.device)
+    return torch.where(candidates, columns, torch.iinfo(torch.int64).max)
+
+
 def _candidate_softmax(
-    pooled_q: torch.Tensor, pooled_k: torch.Tensor, bias: torch.Tensor, scale: float
+    q_rows: torch.Tensor, k_cols: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """:func:`block_scores` with the :func:`_candidate_bias` given; rows without a candidate are NaN."""
-    batch, kv_heads = pooled_k.shape[:2]
-    group = pooled_q.shape[1] // kv_heads
-    # One GEMM scales the logits and adds the bias (one row per query block of each query head of
-    # a KV group): fewer kernel launches than einsum, scale and masked_fill.
-    bias = bias.repeat(group, 1) if group > 1 else bias
-    q = rearrange(pooled_q, "b (k g) i d -> (b k) (g i) d", g=group)
-    k = rearrange(pooled_k, "b k j d -> (b k) d j")
-    logits = torch.baddbmm(bias, q, k, alpha=scale)
-    return rearrange(logits.softmax(dim=-1), "(b k) (g i) j -> b (k g) i j", b=batch, g=group)
+    """Softmax of ``scale * q_rows @ k_cols + bias`` over the last dim; rows without a candidate are NaN.
+
+    Args:
+        q_rows: ``[B, Hp, R, D]`` (:func:`_group_rows`), k_cols: ``[B, Hp, D, C]``, bias: ``[R, C]``.
+
+    Returns:
+        ``[B, Hp, R, C]`` float32.
+    """
+    # One GEMM scales the logits and adds the bias: fewer kernel launches than einsum, scale and
+    # masked_fill.
+    logits = torch.baddbmm(bias, q_rows.flatten(0, 1), k_cols.flatten(0, 1), alpha=scale)
+    return logits.softmax(dim=-1).view(*q_rows.shape[:-1], -1)
 
 
 def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -125,32 +146,23 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
         ``[B, H, nbq, nb]`` bool. If the mass never reaches the threshold (rounding), all
         candidates are kept. Ties keep the lower block index first.
     """
+    if threshold >= 1.0:
+        return candidates.expand(probs.shape).clone()
     tiles = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-    _threshold_into(tiles, probs.clone(), candidates, threshold)
+    _threshold_into(tiles, probs.clone(), _candidate_ranks(candidates), threshold)
     return tiles
 
 
-def _threshold_into(
-    out: torch.Tensor,
-    probs: torch.Tensor,
-    candidates: torch.Tensor,
-    threshold: float,
-    ranks: torch.Tensor | None = None,
-) -> None:
-    """:func:`threshold_tiles` written into ``out`` (a bool view of the same shape, any strides);
-    ``probs`` is sorted in place (saves a copy of it); ``ranks``: ``[nb]`` 0..nb-1 when the caller has them."""
-    if threshold >= 1.0:
-        out.copy_(candidates.expand(out.shape))
-        return
+def _threshold_into(out: torch.Tensor, probs: torch.Tensor, ranks: torch.Tensor, threshold: float) -> None:
+    """:func:`threshold_tiles` (threshold < 1) written into ``out`` (a bool view of ``probs``'s shape,
+    any strides). ``probs`` is sorted in place (saves a copy of it); ``ranks``: :func:`_candidate_ranks`
+    of the rows, broadcastable to ``probs``."""
     # A stable descending sort puts the candidates first: non-candidates have probability 0 and,
     # as a row's candidates are a prefix, larger indices than its zero-probability candidates.
     order = torch.empty(probs.shape, dtype=torch.int64, device=probs.device)
     ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True, out=(probs, order))
-    below = (ordered.cumsum(dim=-1) < threshold).sum(dim=-1, keepdim=True)  # rank that reaches it
-    if ranks is None:
-        ranks = torch.arange(probs.shape[-1], device=probs.device)
-    # rank < (row's number of candidates) is candidates[row, rank], by the prefix property
-    out.scatter_(-1, order, (ranks <= below) & candidates)
+    last = (ordered.cumsum(dim=-1) < threshold).sum(dim=-1, keepdim=True)  # the rank that reaches it
+    out.scatter_(-1, order, ranks <= last)
 
 
 def forced_tiles(
@@ -242,29 +254,34 @@ def select_tiles(
         query block i aligned to key block ``(N - Nq) // block_size + i`` (module docstring).
     """
     batch, q_heads, n_queries, _ = query.shape
-    group = q_heads // key_p.shape[1]
+    perm_heads = key_p.shape[1]
+    group = q_heads // perm_heads
     offset = key_p.shape[2] - n_queries
     first_query_block = offset // block_size
-    pooled_q = pool_blocks(query, block_size, lead=offset % block_size)
-    pooled_k = pool_blocks(key_p, block_size)
-    q_blocks, n_blocks = pooled_q.shape[2], pooled_k.shape[2]
+    q_rows = _group_rows(pool_blocks(query, block_size, lead=offset % block_size), group)
+    k_cols = pool_blocks(key_p, block_size).transpose(-1, -2)  # [B, Hp, D, nb]
+    q_blocks, n_blocks = q_rows.shape[2] // group, k_cols.shape[-1]
     grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
     candidates = _candidates(grid)
-    bias = _candidate_bias(candidates)  # once: each band reads its slice
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
-    bands = _row_bands(q_blocks, segment_size // block_size, first_query_block)
-    for r0, r1, columns in bands:
-        band = candidates[r0:r1, :columns]
-        per_head = batch * (r1 - r0) * columns * 20  # probs, sorted values, their sums, int64 order
-        step = max(1, _CHUNK_BYTES // per_head // group) * group
-        for h0 in range(0, q_heads, step):
-            h1 = min(h0 + step, q_heads)
-            # every row of a band has a candidate: the first band starts in the second segment
-            probs = _candidate_softmax(
-                pooled_q[:, h0:h1, r0:r1], pooled_k[:, h0 // group : h1 // group, :columns],
-                bias[r0:r1, :columns], scale,
-            )
-            _threshold_into(tiles[:, h0:h1, r0:r1, :columns], probs, band, threshold, grid.columns[:columns])
+    if threshold >= 1.0:
+        tiles.copy_(candidates.expand(tiles.shape))
+    else:
+        # Rows (query block, head in group) of each KV head: a band is a slice, no copy per band.
+        by_rows = rearrange(tiles, "b (k g) i j -> b k i g j", g=group)
+        row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
+        bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates)  # once: bands slice them
+        for r0, r1, columns in _row_bands(q_blocks, segment_size // block_size, first_query_block):
+            rows = slice(r0 * group, r1 * group)
+            per_head = batch * (r1 - r0) * group * columns * 20  # probs, sorted values, their sums, int64 order
+            step = max(1, _CHUNK_BYTES // per_head)
+            for h0 in range(0, perm_heads, step):
+                heads = slice(h0, h0 + step)
+                # every row of a band has a candidate: the first band starts in the second segment
+                probs = _candidate_softmax(q_rows[:, heads, rows], k_cols[:, heads, :, :columns],
+                                           bias[rows, :columns], scale)
+                out = by_rows[:, heads, r0:r1, :, :columns]
+                _threshold_into(out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold)
     _force_into(tiles, perm, block_size, grid)
     return tiles
