@@ -5,6 +5,7 @@
     PYTHONPATH=$PWD python bench/attention.py --workload real --qkv qkv_licenses_8192.pt --layers 3 12 20
     PYTHONPATH=$PWD python bench/attention.py --densities 0.05 0.1 0.2 0.4 0.8 --lengths 131072
     PYTHONPATH=$PWD python bench/attention.py --lengths 131072 --seeds 0 1 2 3 --methods flexpbs cudnn
+    PYTHONPATH=$PWD python bench/attention.py --lengths 131072 --target-density 0.22 --methods flexpbs cudnn
 
 Methods (``--methods``): ``flexpbs`` (with a per-stage breakdown), ``flexpbs_flash`` (``backend="flash"``:
 FlexAttention's FLASH backend, when flash-attn-4 is importable), ``noperm`` (the same selector
@@ -17,7 +18,10 @@ Times are medians of CUDA-event timings after warm-up (``triton.testing.do_bench
 length: time, speedups vs cuDNN and FA2, density, TFLOP/s on computed tiles (4 * BS^2 * D flops per
 computed tile and head; dense methods count the nb(nb+1)/2 causal tiles), peak memory beyond the
 inputs, max abs and relative L2 error vs dense float32 attention on sampled rows. ``--densities`` times the attention
-stage alone on random tile sets of fixed density (time against density). Writes JSON and PNG plots
+stage alone on random tile sets of fixed density (time against density); ``--target-density`` runs
+every method end to end at the threshold that gives flexpbs that density on each input (set by
+bisection, reported in the JSON), i.e. the workload's operating point set by density rather than by
+threshold. ``--seeds`` times several draws of the synthetic workload. Writes JSON and PNG plots
 to ``--out`` and prints markdown tables last.
 """
 
@@ -101,6 +105,17 @@ def tflops(tiles_per_head: float, heads: int, batch: int, block: int, head_dim: 
     return 4 * block * block * head_dim * tiles_per_head * heads * batch / (ms_ * 1e-3) / 1e12
 
 
+def threshold_for_density(q, k, v, target: float, steps: int = 14) -> float:
+    """The threshold at which flexpbs (defaults otherwise) selects ``target`` of the causal tiles,
+    by bisection (density grows with the threshold): sets a workload's operating point by density."""
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        _, stats = flexpbs.attention(q, k, v, threshold=mid, return_stats=True)
+        lo, hi = (mid, hi) if stats.density.mean().item() < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def run_length(q, k, v, args, label: str) -> list[dict]:
     b, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -110,6 +125,10 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
     rows = torch.tensor(sample_rows(n, 128, 256, count=args.rows, seed=n), device=DEV)
     want = dense_rows(q, k, v, rows, scale)
     results = []
+    threshold = args.threshold
+    if args.target_density:
+        threshold = threshold_for_density(q, k, v, args.target_density)
+        print(f"{label} N={n}: threshold {threshold:.4f} for density {args.target_density}", flush=True)
 
     def record(method: str, fn, density: float, extra: dict | None = None) -> None:
         try:
@@ -124,7 +143,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
             print(f"{label} N={n} {method}: out of memory, skipped", flush=True)
             torch.cuda.empty_cache()
             return
-        r = dict(workload=label, n=n, method=method, ms=t, density=density, max_err=err, rel_err=rel,
+        r = dict(workload=label, n=n, method=method, ms=t, density=density, threshold=threshold, max_err=err, rel_err=rel,
                  peak_extra_gib=mem,
                  tflops=tflops(density * causal_tiles, hq, b, 128, d, t), **(extra or {}))
         results.append(r)
@@ -132,7 +151,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
 
     for method in args.methods:
         if method in PBS_METHODS:
-            cfg = PBSConfig(threshold=args.threshold, **PBS_METHODS[method])
+            cfg = PBSConfig(threshold=threshold, **PBS_METHODS[method])
             if cfg.backend == "flash" and not _flash_available():
                 print(f"{label} N={n} {method}: flash_attn.cute (flash-attn-4) is not importable, skipped")
                 continue
@@ -164,7 +183,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
             kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
             try:  # its own Triton kernel: report a failure instead of stopping the run
                 record(method, lambda: permuted_block_sparse_attn_fwd(
-                    q, kr, vr, block_size=128, segment_size=256, threshold=args.threshold, causal=True),
+                    q, kr, vr, block_size=128, segment_size=256, threshold=threshold, causal=True),
                     float("nan"))
             except Exception as e:  # noqa: BLE001
                 print(f"{label} N={n} pbs_attn failed: {type(e).__name__}: {e}"[:500], flush=True)
@@ -263,6 +282,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--target-density", type=float, default=None,
+                        help="instead of --threshold: the threshold at which flexpbs selects this density, per input")
     parser.add_argument("--methods", nargs="+",
                         default=["flexpbs", "flexpbs_flash", "noperm", "flex_causal", "cudnn", "fa2", "pbs_attn"])
     parser.add_argument("--workload", choices=["synthetic", "real"], default="synthetic")
