@@ -269,7 +269,7 @@ def select_tiles(
         tiles.copy_(candidates.expand(tiles.shape))
     else:
         # Rows (query block, head in group) of each KV head: a band is a slice, no copy per band.
-        by_rows = rearrange(tiles, "b (k g) i j -> b k i g j", g=group)
+        by_rows = tiles.view(batch, perm_heads, group, q_blocks, n_blocks).transpose(2, 3)  # a view: written in place
         row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
         bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates)  # once: bands slice them
         for r0, r1, columns in _row_bands(q_blocks, segment_size // block_size, first_query_block):

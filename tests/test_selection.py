@@ -180,6 +180,30 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
     assert torch.equal(banded_chunk, whole_chunk)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4]),
+    n=st.integers(1, 1200),
+    offset=st.integers(0, 300),
+    threshold=st.sampled_from([0.5, 0.9]),
+)
+def test_head_chunks_select_exactly_what_all_heads_at_once_select(seed, batch, kv_heads, group, n, offset, threshold):
+    """A byte budget below one KV head's rows: every head chunk is one KV head (and its query heads)."""
+    gen = torch.Generator().manual_seed(seed)
+    k_p = torch.randn(batch, kv_heads, n + offset, 16, generator=gen)
+    q = torch.randn(batch, kv_heads * group, n, 16, generator=gen)
+    perm = torch.arange(n + offset).expand(batch, kv_heads, -1)
+    options = dict(block_size=16, segment_size=32, threshold=threshold, scale=0.5)
+    whole = select_tiles(q, k_p, perm, **options)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("flexpbs.selection._CHUNK_BYTES", 1)
+        chunked = select_tiles(q, k_p, perm, **options)
+    assert torch.equal(whole, chunked)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
