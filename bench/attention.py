@@ -94,9 +94,9 @@ def dense_rows(q, k, v, rows: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def flexpbs_stages(q, k, v, cfg: PBSConfig, kernel_options: dict | None) -> dict:
+def flexpbs_stages(q, k, v, cfg: PBSConfig) -> dict:
     """Each stage of the eager pipeline (``stages.stage_calls``), timed; attn = mask+attn - mask."""
-    times = {name: ms(fn) for name, fn in stage_calls(q, k, v, cfg, kernel_options).items()}
+    times = {name: ms(fn) for name, fn in stage_calls(q, k, v, cfg).items()}
     times["attn"] = times["mask+attn"] - times["mask"]
     return times
 
@@ -159,7 +159,7 @@ def run_length(q, k, v, args, label: str) -> list[dict]:
             density = stats.density.mean().item()
             extra = {"sorted_heads": stats.sorted_rows.float().mean().item()}
             if method in ("flexpbs", "flexpbs_flash", "noperm") and not args.no_stages:
-                extra["stages"] = flexpbs_stages(q, k, v, cfg, {"BACKEND": "FLASH"} if cfg.backend == "flash" else None)
+                extra["stages"] = flexpbs_stages(q, k, v, cfg)
             record(method, lambda: flexpbs.attention(q, k, v, config=cfg), density, extra)
         elif method == "flex_causal":
             causal = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device=DEV, _compile=True)

@@ -55,7 +55,7 @@ def main() -> None:
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
         cfg = PBSConfig(scorer="triton", backend=args.backend)
-        stages = stage_calls(q, k, v, cfg, {"BACKEND": "FLASH"} if args.backend == "flash" else None)
+        stages = stage_calls(q, k, v, cfg)
         stages["whole call"] = lambda: flexpbs.attention(q, k, v, config=cfg)
         # What one launch costs: the importance kernels without the custom op around them, and a
         # plain eager op, as yardsticks for the stage times above.

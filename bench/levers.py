@@ -47,6 +47,13 @@ KERNEL_OPTIONS = {
 ROUNDS = 3
 
 
+def median_and_rounds(times: list[float]) -> tuple[float, str]:
+    """The median of a lever's interleaved rounds (NaN when none ran) and the rounds as a note."""
+    ordered = sorted(times)
+    return (ordered[len(ordered) // 2] if ordered else float("nan"),
+            "rounds " + " / ".join(f"{t:.2f}" for t in times))
+
+
 LEVERS = ("kernel_options", "compile_select", "graph", "chunk_floor", "bands")
 
 
@@ -94,10 +101,8 @@ def kernel_options(n: int, density: float, attend, options: list[str]) -> list[t
             times[name].append(ms(fn))
     rows = []
     for name in options:
-        ts = sorted(times.get(name, []))
-        t = ts[len(ts) // 2] if ts else float("nan")
-        rounds = " / ".join(f"{x:.2f}" for x in times.get(name, []))
-        rows.append((n, f"attention kernel_options {name}", t, f"{notes[name]}; rounds {rounds}"))
+        t, rounds = median_and_rounds(times.get(name, []))
+        rows.append((n, f"attention kernel_options {name}", t, f"{notes[name]}; {rounds}"))
         print(rows[-1], flush=True)
     return rows
 
@@ -124,9 +129,9 @@ def band_count(q, k, v, sel, tiles, backend: str) -> list[tuple]:
     rows = []
     for b in counts:
         for what, label in (("select", "select alone"), ("call", f"whole call, backend={backend}")):
-            ts = times[b, what]
-            note = f"rounds {' / '.join(f'{t:.2f}' for t in ts)}" + (f"; same tiles {same[b]}" if what == "select" else "")
-            rows.append((n, f"at most {b} row bands: {label}", sorted(ts)[len(ts) // 2], note))
+            t, note = median_and_rounds(times[b, what])
+            note += f"; same tiles {same[b]}" if what == "select" else ""
+            rows.append((n, f"at most {b} row bands: {label}", t, note))
             print(rows[-1], flush=True)
     return rows
 

@@ -24,9 +24,9 @@ def stage_calls(
     k: torch.Tensor,
     v: torch.Tensor,
     cfg: PBSConfig,
-    kernel_options: dict | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """Closures over ``q [B, Hq, N, D]``, ``k``/``v [B, Hkv, N, D]`` (gqa="shared", prefill)."""
+    """Closures over ``q [B, Hq, N, D]``, ``k``/``v [B, Hkv, N, D]`` (gqa="shared", prefill); the
+    attention stage runs on ``cfg.backend``."""
     n, scale = q.shape[2], q.shape[-1] ** -0.5
     bs, seg = cfg.block_size, cfg.segment_size
     calls: dict[str, Callable[[], object]] = {}
@@ -48,6 +48,6 @@ def stage_calls(
     tiles = calls["select"]()
     calls["mask"] = lambda: build_block_mask(tiles, perm, bs, seg)
     calls["mask+attn"] = lambda: sparse_attention(
-        q, k_p, v_p, tiles, perm, block_size=bs, segment_size=seg, scale=scale, kernel_options=kernel_options
+        q, k_p, v_p, tiles, perm, block_size=bs, segment_size=seg, scale=scale, backend=cfg.backend
     )
     return calls
