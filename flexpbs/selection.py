@@ -105,13 +105,13 @@ def _candidate_bias(candidates: torch.Tensor) -> torch.Tensor:
     return torch.where(candidates, 0.0, float("-inf"))
 
 
-def _candidate_ranks(candidates: torch.Tensor) -> torch.Tensor:
-    """``[rows, nb]`` int64: the column's index where it is a candidate, else past any rank.
+def _candidate_ranks(candidates: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[rows, nb]`` int64: the column's index (``columns``: ``[nb]`` 0..nb-1) where it is a
+    candidate, else past any rank.
 
     Read by rank: as a row's candidates are a prefix of its columns, rank r is one of its candidates
     exactly when column r is, so ``ranks <= last kept rank`` keeps candidates only.
     """
-    columns = torch.arange(candidates.shape[-1], device=candidates.device)
     return torch.where(candidates, columns, torch.iinfo(torch.int64).max)
 
 
@@ -149,7 +149,8 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
     if threshold >= 1.0:
         return candidates.expand(probs.shape).clone()
     tiles = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-    _threshold_into(tiles, probs.clone(), _candidate_ranks(candidates), threshold)
+    columns = torch.arange(candidates.shape[-1], device=candidates.device)
+    _threshold_into(tiles, probs.clone(), _candidate_ranks(candidates, columns), threshold)
     return tiles
 
 
@@ -271,7 +272,8 @@ def select_tiles(
         # Rows (query block, head in group) of each KV head: a band is a slice, no copy per band.
         by_rows = tiles.view(batch, perm_heads, group, q_blocks, n_blocks).transpose(2, 3)  # a view: written in place
         row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
-        bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates)  # once: bands slice them
+        # once: bands slice them
+        bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates, grid.columns)
         for r0, r1, columns in _row_bands(q_blocks, segment_size // block_size, first_query_block):
             rows = slice(r0 * group, r1 * group)
             per_head = batch * (r1 - r0) * group * columns * 20  # probs, sorted values, their sums, int64 order
