@@ -8,13 +8,14 @@ projections are split by heads, so each rank runs ``flexpbs.attention`` on its o
 their KV heads, with no communication inside attention (PBS is per head). Rank 0 also runs the whole
 model in one process and compares: logits at threshold 1.0 vs SDPA, logits at ``--threshold`` vs the
 single-process flexpbs run, and each rank's per-layer density vs the single-process density of the
-same heads. Without ``--model`` a tiny random Llama (8 query, 4 KV heads) is used. ``--json`` writes
-the results (rank 0).
+same heads. Without ``--model`` a tiny random Llama (8 query, 4 KV heads) is used. Rank 0 prints one
+PASS/FAIL line per check and a one-line verdict; ``--json`` writes the numbers (rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import tempfile
@@ -38,6 +39,30 @@ def tiny_llama_dir() -> str:
         transformers.LlamaForCausalLM(config).save_pretrained(path[0])
     dist.broadcast_object_list(path, src=0)
     return path[0]
+
+
+def tensor_parallel_kwargs() -> dict:
+    """``from_pretrained`` arguments for ``tp_plan="auto"``: inside ``distributed_config`` where
+    transformers' DistributedConfig takes a tp_plan (newer versions deprecate the bare keyword)."""
+    config = getattr(transformers, "DistributedConfig", None)
+    if config is not None and "tp_plan" in inspect.signature(config).parameters:
+        return {"distributed_config": config(tp_plan="auto")}
+    return {"tp_plan": "auto"}
+
+
+def verdict(results: dict, dtype: torch.dtype) -> list[str]:
+    """One line per check, each PASS or FAIL against its tolerance (relative to the largest logit:
+    float32 rounding on CPU, bfloat16's on GPUs)."""
+    tol = (1e-5 if dtype == torch.float32 else 2e-2) * results["logit_scale"]
+    same_density = all(r["density"] == r["single_process_density"] for r in results["ranks"])
+    checks = [
+        ("threshold 1.0 equals SDPA", results["max_logit_diff_threshold_1_vs_sdpa"] <= tol,
+         f"max logit diff {results['max_logit_diff_threshold_1_vs_sdpa']:.2e} <= {tol:.2e}"),
+        (f"threshold {results['threshold']} equals one process", results["max_logit_diff_vs_single_process"] <= tol,
+         f"max logit diff {results['max_logit_diff_vs_single_process']:.2e} <= {tol:.2e}"),
+        ("each rank's per-head density equals one process's", same_density, "exact"),
+    ]
+    return [f"{'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in checks]
 
 
 def prefill(model, ids: torch.Tensor, pbs: fx.FlexPBSAttention) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -71,8 +96,8 @@ def main() -> None:
     ids = torch.randint(vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(device)
 
     results: dict = {"world_size": world, "tokens": args.tokens, "threshold": args.threshold, "ranks": []}
-    tp = transformers.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=dtype,
-                                                           attn_implementation="flexpbs").eval()
+    tp = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="flexpbs",
+                                                           **tensor_parallel_kwargs()).eval()
     q_heads = tp.config.num_attention_heads
     local_heads = q_heads // world
     tp_logits, tp_density = {}, {}
@@ -98,7 +123,10 @@ def main() -> None:
             heads = slice(entry["rank"] * local_heads, (entry["rank"] + 1) * local_heads)
             entry["single_process_density"] = {str(layer): d[heads].tolist() for layer, d in single_density.items()}
             results["ranks"].append(entry)
-        print(json.dumps(results, indent=1))
+        lines = verdict(results, dtype)
+        results["verdict"] = lines
+        print("\n".join(lines))
+        print("tensor parallelism " + ("matches one process" if all(x.startswith("PASS") for x in lines) else "FAILED"))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f)

@@ -1,11 +1,13 @@
 """flexpbs: Permuted Block-Sparse attention (PBS-Attn) on PyTorch FlexAttention.
 
-Public API: :func:`attention`, :class:`PBSConfig`, :class:`PBSStats`. The dense float32 oracle
+Public API: :func:`attention`, :class:`PBSConfig`, :class:`PBSStats` and :mod:`flexpbs.nn`
+(``flexpbs.nn.PBSAttention``). The dense float32 oracle
 used by the tests lives in :mod:`flexpbs.reference`.
 """
 
+from flexpbs import nn
 from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
 
-__all__ = ["attention", "PBSConfig", "PBSStats"]
+__all__ = ["attention", "PBSConfig", "PBSStats", "nn"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from flexpbs.last_block import last_block_tiles
 from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
-from flexpbs.sparse_attention import flash_kernel_options, sparse_attention
+from flexpbs.sparse_attention import check_block_size, flash_kernel_options, sparse_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEFAULTS = PBSConfig()
@@ -112,6 +112,7 @@ def attention(
     changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
     cfg = PBSConfig.resolve(config, changed)
     _check_inputs(query, key, value)
+    check_block_size(query.device, cfg.block_size)
     if cfg.backend == "flash":
         flash_kernel_options(query, value, cfg.block_size)  # unsupported inputs fail before any work
     if valid_keys is not None:
@@ -130,6 +131,9 @@ def _pbs_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PBSConfig, return_stats: bool
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
     """The pipeline on validated inputs without padding, eagerly; Nq <= N."""
+    # Inference only: inputs that require grad (under no_grad or inference_mode) must not reach
+    # FlexAttention, whose CPU kernel refuses them whatever the grad mode.
+    query, key, value = query.detach(), key.detach(), value.detach()
     scorer_used = resolve_scorer(cfg.scorer, query.device)
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]

@@ -26,6 +26,9 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+_DEFAULT_SEGMENT_SIZE = 256
+
+
 @dataclass(frozen=True)
 class PBSConfig:
     """Options of :func:`flexpbs.attention`, validated on construction.
@@ -67,7 +70,7 @@ class PBSConfig:
     """
 
     block_size: int = 128
-    segment_size: int = 256
+    segment_size: int = _DEFAULT_SEGMENT_SIZE
     threshold: float = 0.9
     gqa: GQAMode = "shared"
     scale: float | None = None
@@ -83,8 +86,9 @@ class PBSConfig:
         _check_int("segment_size", self.segment_size, minimum=1)
         if self.segment_size % self.block_size:
             raise ValueError(
-                f"segment_size must be a multiple of block_size, got segment_size="
-                f"{self.segment_size}, block_size={self.block_size}"
+                f"block_size {self.block_size} does not divide segment_size {self.segment_size} (default "
+                f"{_DEFAULT_SEGMENT_SIZE}): pass a segment_size that is a multiple of block_size, e.g. "
+                f"segment_size={2 * self.block_size}"
             )
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise TypeError(f"threshold must be a float, got {type(self.threshold).__name__}")

@@ -71,10 +71,16 @@ def flex_kernel_options(
     kernel_options = default if kernel_options is None else kernel_options
     if device_type != "cuda" or block_size % _MAX_GPU_TILE == 0:
         return kernel_options
+    check_block_size(torch.device(device_type), block_size)
     tile = min(block_size & -block_size, _MAX_GPU_TILE)  # largest power of two dividing block_size
-    if tile < 16:
-        raise ValueError(f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}")
     return {"BLOCK_M": tile, "BLOCK_N": tile, **(kernel_options or {})}
+
+
+def check_block_size(device: torch.device, block_size: int) -> None:
+    """Raises ValueError when ``block_size`` is unsupported on ``device``: on CUDA it must be a
+    multiple of 16, the smallest tile FlexAttention's GPU kernels step through a block in."""
+    if device.type == "cuda" and block_size % 16:
+        raise ValueError(f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}")
 
 
 @functools.cache

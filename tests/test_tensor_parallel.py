@@ -17,6 +17,8 @@ def test_heads_split_over_two_ranks_match_one_process(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert "tensor parallelism matches one process" in proc.stdout  # the example's one-line verdict
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # no deprecated transformers API
 
     assert res["world_size"] == 2 and len(res["ranks"]) == 2
     assert res["max_logit_diff_threshold_1_vs_sdpa"] < 1e-4  # threshold 1.0 is dense attention

@@ -1,5 +1,7 @@
 """flexpbs.integrations.transformers: a tiny random Llama (GQA) with attn_implementation="flexpbs"."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -10,6 +12,9 @@ from flexpbs import PBSConfig  # noqa: E402
 from flexpbs.integrations import transformers as fx  # noqa: E402
 
 PROMPT_LEN = 600
+# The cache keyword of a model's forward: ``cache`` in newer transformers (which deprecate
+# ``past_key_values``), ``past_key_values`` in older ones.
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 OPTIONS = dict(block_size=64, segment_size=128, threshold=1.0)
 
 
@@ -119,7 +124,7 @@ def chunked_prefill(model, ids, chunks):
     out, start = [], 0
     with torch.no_grad():
         for length in chunks:
-            out.append(model(ids[:, start : start + length], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, start : start + length], use_cache=True, **{CACHE: cache}).logits)
             start += length
     return torch.cat(out, dim=1)
 
@@ -145,7 +150,7 @@ def test_short_chunks_and_static_cache_fall_back_to_sdpa(use, pbs, prompt):
     # causal mask there, not a chunk at the last key positions.
     def static(model):
         cache = transformers.StaticCache(config=model.config, max_cache_len=PROMPT_LEN + 100)
-        return logits(model, prompt, past_key_values=cache, use_cache=True)
+        return logits(model, prompt, use_cache=True, **{CACHE: cache})
 
     want = static(use("sdpa"))
     got = static(use("flexpbs"))
