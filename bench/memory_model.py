@@ -37,7 +37,7 @@ STAGES = [
     (flexpbs.api, "segment_permutation", "permutation"),
     (flexpbs.api, "permute_kv", "gather K/V"),
     (flexpbs.api, "select_tiles", "selection"),
-    (flexpbs.sparse_attention, "build_block_mask", "block mask"),
+    (flexpbs.sparse_attention, "block_lists", "block mask"),
     (flexpbs.api, "sparse_attention", "mask + attention"),
 ]
 
@@ -142,8 +142,9 @@ class MemoryCensus(TorchDispatchMode):
         self.peak = self.current
 
 
-def _meta_flex_attention(query, key, value, *, block_mask, scale, enable_gqa, kernel_options=None):
-    """Stand-in for compiled FlexAttention on meta tensors: its output and log-sum-exp."""
+def _meta_flex_attention(query, key, value, lists, positions, block_size, scale, kernel_options):
+    """Stand-in for compiled FlexAttention (``compiled_flex_call``) on meta tensors: its output and
+    log-sum-exp."""
     torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)  # lse, freed on return
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
@@ -168,7 +169,7 @@ def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch
     scorer = contextlib.nullcontext()
     if importance == "triton":
         scorer = mock.patch.object(flexpbs.api, "key_importance", _meta_triton_importance)
-    with (mock.patch.object(flexpbs.sparse_attention, "_compiled_flex_attention", _meta_flex_attention),
+    with (mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
           scorer, MemoryCensus([q, k, v]) as seen):
         probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
         with stage_probe(probe):

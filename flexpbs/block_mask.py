@@ -14,6 +14,8 @@ captures no offset scalar (a captured Python scalar recompiles per value; see FL
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
@@ -42,6 +44,23 @@ def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _m
         return selected & (perm[b, h // group, kv_idx] <= q_idx)
 
     return pbs_mask
+
+
+def causal_mask_mod(positions: torch.Tensor, group: int) -> _mask_mod_signature:
+    """The causal test alone, for COMPILED kernels with :func:`block_lists`: they call a mask_mod
+    only on listed partial blocks, which are selected tiles, so the tile lookup of
+    :func:`pbs_mask_mod` is always true there. Uncompiled flex_attention needs the whole mask.
+
+    Args:
+        positions: ``[B, Hp, L]`` int32 original position at each permuted slot counted from the
+            position of query row 0, L >= N (slots past N hold a position after every query).
+        group: query heads per permutation row (Hq / Hp).
+    """
+
+    def causal_on_original_positions(b, h, q_idx, kv_idx):
+        return positions[b, h // group, kv_idx] <= q_idx
+
+    return causal_on_original_positions
 
 
 # Tiles sorted per step of _full_lists: bounds the int64 argsort temporaries (8 B per tile).
@@ -93,16 +112,23 @@ def _bands(q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: i
     return bands
 
 
-def build_block_mask(
-    tiles: torch.Tensor,
-    perm: torch.Tensor,
-    block_size: int,
-    segment_size: int,
-    *,
-    query_start: int = 0,
-    q_len: int | None = None,
-) -> BlockMask:
-    """BlockMask computing exactly ``tiles`` with the causal test on original positions.
+class BlockLists(NamedTuple):
+    """FlexAttention's block lists of a selection (the tensors a ``BlockMask`` holds), all int32.
+
+    ``partial_count [B, Hq, nbq]`` and ``partial_index [B, Hq, nbq, nb]``: the blocks the kernel
+    masks; ``full_count`` and ``full_index``: the blocks it computes unmasked.
+    """
+
+    partial_count: torch.Tensor
+    partial_index: torch.Tensor
+    full_count: torch.Tensor
+    full_index: torch.Tensor
+
+
+def block_lists(
+    tiles: torch.Tensor, perm: torch.Tensor, block_size: int, segment_size: int, *, query_start: int = 0
+) -> BlockLists:
+    """The block lists computing exactly ``tiles``, with the causal test on original positions.
 
     Args:
         tiles: ``[B, Hq, nbq, nb]`` bool (query block, permuted key block). Tiles in segments after
@@ -111,14 +137,8 @@ def build_block_mask(
             segments of ``segment_size``; Hq a multiple of Hp.
         query_start: original key position of query row 0, a multiple of ``block_size``; query row
             r sits at position ``query_start + r`` (0 for prefill; a block boundary for a chunk).
-        q_len: query length, ``N - query_start`` when None; ``nbq = ceil(q_len / block_size)``.
-
-    Returns:
-        A BlockMask for queries in original order and keys in permuted order, with head
-        dimension Hq (FlexAttention's GPU and CPU paths agree only for 1 or Hq heads).
     """
     n = perm.shape[-1]
-    q_len = n - query_start if q_len is None else q_len
     batch, q_heads, q_blocks, n_blocks = tiles.shape
     first_block, blocks_per_segment = query_start // block_size, segment_size // block_size
     last_pos = block_last_positions(perm, block_size)
@@ -132,16 +152,40 @@ def build_block_mask(
     own_tiles = by_perm_row.gather(-1, grid.own_columns.expand(*by_perm_row.shape[:-1], -1))
     own_later = (last_pos[:, :, grid.own_columns] > grid.query_start)[:, :, None]
     partial = (own_tiles & own_later & grid.own_valid).view(batch, q_heads, q_blocks, -1)
-    kv_num, kv_idx = _partial_lists(partial, grid, n_blocks)
-    full_num, full_idx = _full_lists(full, _bands(q_blocks, n_blocks, first_block, blocks_per_segment))
+    partial_count, partial_index = _partial_lists(partial, grid, n_blocks)
+    full_count, full_index = _full_lists(full, _bands(q_blocks, n_blocks, first_block, blocks_per_segment))
+    return BlockLists(partial_count, partial_index, full_count, full_index)
+
+
+def build_block_mask(
+    tiles: torch.Tensor,
+    perm: torch.Tensor,
+    block_size: int,
+    segment_size: int,
+    *,
+    query_start: int = 0,
+    q_len: int | None = None,
+) -> BlockMask:
+    """BlockMask computing exactly ``tiles`` with the causal test on original positions, whose
+    mask_mod states the whole mask (:func:`pbs_mask_mod`): uncompiled flex_attention gives the same.
+
+    Args:
+        tiles, perm, query_start: as :func:`block_lists`.
+        q_len: query length, ``N - query_start`` when None; ``nbq = ceil(q_len / block_size)``.
+
+    Returns:
+        A BlockMask for queries in original order and keys in permuted order, with head
+        dimension Hq (FlexAttention's GPU and CPU paths agree only for 1 or Hq heads).
+    """
+    n = perm.shape[-1]
+    q_len = n - query_start if q_len is None else q_len
+    lists = block_lists(tiles, perm, block_size, segment_size, query_start=query_start)
+    # counted from query row 0, the causal test is ``position <= q_idx`` for any query_start
+    positions = (perm - query_start if query_start else perm).to(torch.int32)
     return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+        *lists,
         BLOCK_SIZE=block_size,
-        # counted from query row 0, the causal test is ``position <= q_idx`` for any query_start
-        mask_mod=pbs_mask_mod(tiles, (perm - query_start if query_start else perm).to(torch.int32), block_size),
+        mask_mod=pbs_mask_mod(tiles, positions, block_size),
         seq_lengths=(q_len, n),
         compute_q_blocks=False,
     )

@@ -1,12 +1,21 @@
 """The attention stage: compiled FlexAttention over permuted keys, computing only selected tiles.
 
-flex_attention is compiled once, with static shapes: on CPU, torch 2.13's inductor template fails
-to compile any mask_mod that indexes a table by a block of a dynamic length. Lengths are padded
-to buckets (8 per doubling) so a new prompt length recompiles only when it enters a new bucket.
-Padded query blocks get no tiles and padded keys sit after every query, so padding adds no work
-beyond copying the inputs when N is not already a bucket length. Query and key lengths are bucketed
-separately (a chunk has fewer queries than keys); a chunk's queries are also preceded by
-``offset % block_size`` dummy rows so that query blocks align with key blocks (their output is dropped).
+One compiled graph serves every query and key length: the lengths are dynamic dimensions of the
+graph, so a new prompt length or prefill chunk costs no compile. What keeps the compiled kernel as
+fast as a static one (both checked on the GPU, bench/RESULTS.md):
+
+- lengths are padded to whole blocks and FlexAttention is told so (kernel option ``IS_DIVISIBLE``),
+  which a dynamic length would otherwise switch off, masking every load;
+- the mask_mod is the causal test on a table of original positions (:func:`causal_mask_mod`): the
+  compiled kernel calls it only on listed partial blocks, where the tile lookup is always true;
+- query and key lengths get separate symbols (no duck sizing), so prefill and chunks share the graph;
+  at least two query blocks are passed, so no length dimension is ever 1 (which dynamo specialises).
+
+On the CPU, inductor's FlexAttention template cannot compile a mask_mod that reads a table of dynamic
+length: there the position table has a static capacity, the next power of two of at least
+``CPU_MIN_CAPACITY`` slots, and a new graph compiles only when a length needs a larger capacity.
+A chunk's queries are preceded by ``offset % block_size`` dummy rows so that query blocks align with
+key blocks (their output is dropped).
 """
 
 from __future__ import annotations
@@ -16,24 +25,54 @@ import importlib
 
 import torch
 import torch._dynamo
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexpbs.block_mask import build_block_mask
+from flexpbs.block_mask import block_lists, causal_mask_mod
 
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+# Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
+# (CPU) table capacity; a limit this high keeps any mix of them compiled rather than eager, and the
+# graphs live on this module's function, not on the user's compiled flex_attention.
+_RECOMPILE_LIMIT = 64
+CPU_MIN_CAPACITY = 4096
+_BEYOND_EVERY_QUERY = 2**30  # position of padded key slots: after every query row (int32)
 
-# Every bucket, dtype, head shape and block size is one compiled graph; the default limit of 8
-# would silently drop to eager flex_attention, which materialises all N x N scores.
-_RECOMPILE_LIMIT = 512
+
+def _flex_call(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    kernel_options: dict | None,
+) -> torch.Tensor:
+    """FlexAttention over the block lists; the BlockMask is built inside the graph so that its
+    lengths come from the tensors' (dynamic) shapes."""
+    block_mask = BlockMask.from_kv_blocks(
+        *lists,
+        BLOCK_SIZE=block_size,
+        mask_mod=causal_mask_mod(positions, query.shape[1] // positions.shape[1]),
+        seq_lengths=(query.shape[2], key.shape[2]),
+        compute_q_blocks=False,
+    )
+    return flex_attention(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+        kernel_options=kernel_options,
+    )
 
 
-def bucket_length(seq_len: int, block_size: int) -> int:
-    """Smallest bucket length >= ``seq_len``: a multiple of ``block_size`` and of 1/16 of the
-    enclosing power of two, so at most 8 buckets per doubling and at most 12.5% padding."""
-    step = max(1, 1 << max((seq_len - 1).bit_length() - 4, 0))
-    padded = -(-seq_len // step) * step
-    return -(-padded // block_size) * block_size
+compiled_flex_call = torch.compile(_flex_call, dynamic=False)  # lengths are marked dynamic per call
+
+
+def table_capacity(n_keys: int, device: torch.device) -> int | None:
+    """Static length of the position table on ``device``, or None where it follows the keys
+    (dynamic: CUDA)."""
+    if device.type == "cuda":
+        return None
+    return max(CPU_MIN_CAPACITY, 1 << (n_keys - 1).bit_length())
 
 
 # FlexAttention's GPU kernels step through a BlockMask block in tiles of up to 128 tokens (their
@@ -149,33 +188,96 @@ def sparse_attention(
     n_queries, n = query.shape[2], key_p.shape[2]
     lead = (n - n_queries) % block_size  # dummy rows aligning query blocks to key blocks
     q_total = lead + n_queries
-    q_pad = bucket_length(q_total, block_size) - q_total
-    kv_pad = bucket_length(n, block_size) - n
+    # whole blocks, and at least two query blocks: a length dimension of 1 would be specialised
+    q_pad = max(-(-q_total // block_size), 2) * block_size - q_total
+    kv_pad = -n % block_size
     if lead or q_pad:
         query = F.pad(query, (0, 0, lead, q_pad))
     if kv_pad:
         key_p, value_p = (F.pad(x, (0, 0, 0, kv_pad)) for x in (key_p, value_p))
+        # padded keys sit after every query: their block is partial, so the mask hides them
         extra = torch.arange(n, n + kv_pad, device=perm.device).expand(*perm.shape[:2], kv_pad)
-        perm = torch.cat([perm, extra], dim=-1)  # padded keys come after every real query
-    if q_pad or kv_pad:
-        rows = (q_total + q_pad) // block_size - tiles.shape[-2]
-        cols = (n + kv_pad) // block_size - tiles.shape[-1]
+        perm = torch.cat([perm, extra], dim=-1)
+    query_start = n - q_total
+    rows = query.shape[2] // block_size - tiles.shape[-2]
+    cols = key_p.shape[2] // block_size - tiles.shape[-1]
+    if rows or cols:
         tiles = F.pad(tiles, (0, cols, 0, rows), value=False)
-    block_mask = build_block_mask(
-        tiles, perm, block_size, segment_size, query_start=n - q_total, q_len=query.shape[2]
+    lists = block_lists(tiles, perm, block_size, segment_size, query_start=query_start)
+    # original positions counted from query row 0, so the causal test is ``position <= q_idx``
+    capacity = table_capacity(key_p.shape[2], query.device)
+    positions = torch.full(
+        (*perm.shape[:2], capacity or key_p.shape[2]), _BEYOND_EVERY_QUERY, dtype=torch.int32, device=perm.device
     )
+    positions[..., : perm.shape[-1]] = perm - query_start
     if backend == "flash":
         kernel_options = {**flash_kernel_options(query, value_p, block_size), **(kernel_options or {})}
+    kernel_options = _kernel_options(query, block_size, kernel_options)
+    out = _folded_flex(query, key_p, value_p, lists, positions, block_size, scale, kernel_options, capacity is None)
+    return out[:, :, lead:q_total] if lead or q_pad else out
+
+
+# Elements a tensor of one FlexAttention call may hold: beyond it the compiled kernel would need 64-bit
+# indexing, which is a different graph (a compile at the first such length).
+_MAX_CALL_ELEMENTS = 2**31 - 1
+
+
+def _folded_flex(
+    query: torch.Tensor,
+    key_p: torch.Tensor,
+    value_p: torch.Tensor,
+    lists: tuple[torch.Tensor, ...],
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    kernel_options: dict | None,
+    dynamic_table: bool,
+) -> torch.Tensor:
+    """The compiled call with each permutation row (batch element, Hp head) as a batch element of its
+    own, holding its G = Hq / Hp query heads and one key head: the batch dimension is then dynamic like
+    the lengths, so batch sizes and head chunks of the pipeline share one graph. Batch elements go in
+    slices that keep every tensor under ``_MAX_CALL_ELEMENTS``.
+
+    Args: ``query [B, Hq, Lq, D]``, ``key_p``/``value_p [B, Hp, Lk, D or Dv]``, ``lists`` of
+    :func:`flexpbs.block_mask.block_lists` (``[B, Hq, nbq(, nb)]``), ``positions [B, Hp, L]``; lengths
+    are whole blocks. Returns ``[B, Hq, Lq, Dv]``.
+    """
+    batch, q_heads = query.shape[:2]
+    rows = batch * key_p.shape[1]
+    group = q_heads // key_p.shape[1]
+    q_f = _contiguous(query, (rows, group, *query.shape[2:]))
+    k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
+    lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
+    per_row = max(x[0].numel() for x in (q_f, k_f, v_f, lists_f[1], lists_f[3])) + group * query.shape[2] * value_p.shape[-1]
+    # nearly equal slices: a slice of one batch element would be a graph of its own (0/1 specialisation)
+    slices = -(-rows // max(1, _MAX_CALL_ELEMENTS // per_row))
+    outs = []
+    for part in zip(*(x.tensor_split(slices) for x in (q_f, k_f, v_f, *lists_f, p_f))):
+        # batch and lengths are dynamic; the position table's length only on CUDA
+        dynamic_dims = [(0, 2)] * 4 + [(0, 2, 3), (0, 2), (0, 2, 3), (0, 2) if dynamic_table else (0,)]
+        for x, dims in zip(part, dynamic_dims):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), fx_config.patch(use_duck_shape=False):
+            outs.append(compiled_flex_call(*part[:3], tuple(part[3:7]), part[7], block_size, scale, kernel_options))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.view(batch, q_heads, *out.shape[2:])
+
+
+def _contiguous(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``x`` as a contiguous ``shape`` with the canonical strides (a copy only when ``x`` is not
+    contiguous): compiled graphs are specialised on stride patterns, which views of other tensors (a
+    chunk of a prompt, transformers' [B, N, H, D] projections seen as [B, H, N, D], a head slice with a
+    size-1 batch) would otherwise vary."""
+    return x.contiguous().view(-1).view(shape)
+
+
+def _kernel_options(query: torch.Tensor, block_size: int, kernel_options: dict | None) -> dict | None:
+    """The kernel options of a call: tuned defaults, GPU tiles dividing the block, and on CUDA
+    ``IS_DIVISIBLE`` (lengths are padded to whole blocks, whose tiles divide them)."""
     capability = torch.cuda.get_device_capability(query.device) if query.device.type == "cuda" else None
     tuned = tuned_kernel_options(capability, query.dtype, query.shape[-1], block_size)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        out = _compiled_flex_attention(
-            query,
-            key_p,
-            value_p,
-            block_mask=block_mask,
-            scale=scale,
-            enable_gqa=key_p.shape[1] != query.shape[1],
-            kernel_options=flex_kernel_options(query.device.type, block_size, kernel_options, tuned),
-        )
-    return out[:, :, lead:q_total] if lead or q_pad else out
+    options = flex_kernel_options(query.device.type, block_size, kernel_options, tuned)
+    if query.device.type != "cuda" or (options or {}).get("BACKEND") == "FLASH":
+        return options
+    return {"IS_DIVISIBLE": True, **(options or {})}

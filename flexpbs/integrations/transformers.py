@@ -98,10 +98,10 @@ class FlexPBSAttention:
             raise TypeError(
                 f"model config.flexpbs must be a dict of PBSConfig options, got {type(overrides).__name__}"
             )
-        options = {**dataclasses.asdict(self.config), **overrides}
         if scaling is not None:
-            options["scale"] = float(scaling)
-        return PBSConfig(**options)
+            overrides = {**overrides, "scale": float(scaling)}
+        # replace, not asdict: asdict deep-copies, which torch 2.11's dynamo cannot trace
+        return dataclasses.replace(self.config, **overrides) if overrides else self.config
 
     def __call__(
         self,

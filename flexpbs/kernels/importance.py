@@ -75,7 +75,12 @@ def _stats_update(
     return new_max, row_sum
 
 
-@triton.jit
+# Integer arguments that change with the lengths are not specialised (Triton would compile a variant
+# per divisibility by 16, or value 1, of each: a JIT compile at a new prompt length).
+_LENGTH_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "seq_len", "n_complete", "rows"]
+
+
+@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "tiles_per_split", "stats_per_split"])
 def _row_stats_kernel(
     q_ptr,
     k_ptr,
@@ -171,7 +176,7 @@ def _row_stats_kernel(
     tl.store(sum_ptr + stat_offs, row_sum, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_stats", "splits"])
 def _merge_stats_kernel(max_ptr, sum_ptr, lse_ptr, n_stats, splits, BLOCK: tl.constexpr):
     """``lse[i] = log2(sum_s sum[s, i] * 2^(max[s, i]))`` over the key splits of pass 1."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -186,7 +191,7 @@ def _merge_stats_kernel(max_ptr, sum_ptr, lse_ptr, n_stats, splits, BLOCK: tl.co
     tl.store(lse_ptr + offs, top + tl.log2(total), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "stride_ob", "stride_oh"])
 def _column_mass_kernel(
     q_ptr,
     k_ptr,

@@ -1,0 +1,89 @@
+"""``flexpbs.warmup``: compile what a process needs before traffic arrives.
+
+What compiles, once per process: FlexAttention's graph for a (dtype, head shape, batch size, block
+size, kernel options, grad mode) and, on CUDA, the Triton importance kernel. On CUDA the graph's
+lengths are dynamic, so one prefill call compiles everything any later length or chunk uses. On the
+CPU the graph has a static position-table capacity (a power of two of at least 4096 keys, see
+:mod:`flexpbs.sparse_attention`), so the warm-up compiles one graph per capacity up to
+``max_seq_len``.
+
+Compiled code is also cached on disk by PyTorch (inductor's and Triton's caches, under
+``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_<user>``): a new process on the same
+machine reuses it, which makes its warm-up much shorter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from flexpbs.api import _pbs_attention
+from flexpbs.config import PBSConfig
+from flexpbs.sparse_attention import CPU_MIN_CAPACITY
+
+
+def warmup(
+    query_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    batch: int = 1,
+    value_dim: int | None = None,
+    max_seq_len: int | None = None,
+    config: PBSConfig | None = None,
+    **options,
+) -> float:
+    """Compile FlexAttention and the importance kernel for calls of this shape and these options.
+
+    Run it in the grad mode of the later calls (``torch.inference_mode()``, ``torch.no_grad()`` or
+    neither): compiled graphs are specialised on it. Short random inputs are used; later calls of any
+    length (CUDA) or up to ``max_seq_len`` (CPU), whole prompts or chunks, then compile nothing.
+
+    Args:
+        query_heads, kv_heads, head_dim: Hq, Hkv and D of the later calls (Hq a multiple of Hkv).
+        dtype, device, batch: of the later calls' query, key and value.
+        value_dim: Dv, ``head_dim`` when None.
+        max_seq_len: the longest key length to prepare for on the CPU (ignored on CUDA, where one
+            graph serves every length); None: lengths up to 4096 keys.
+        config, **options: the options of the later calls (see :class:`PBSConfig`), not both.
+
+    Returns:
+        Seconds spent.
+
+    Raises:
+        TypeError, ValueError: bad options, as :func:`flexpbs.attention`.
+    """
+    # the sparse path, whatever length the options send to dense attention
+    cfg = dataclasses.replace(PBSConfig.resolve(config, options), min_seq_len=None)
+    for name, value in (("query_heads", query_heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if query_heads % kv_heads:
+        raise ValueError(f"query_heads {query_heads} must be a multiple of kv_heads {kv_heads}")
+    device = torch.device(device)
+    start = time.perf_counter()
+    # The shortest lengths that run the sparse path: a prompt, a chunk (which must reuse the graph), and
+    # a prompt of one KV head: the attention stage folds (batch, head) into its batch dimension, and the
+    # pipeline's head chunks of one KV head make that dimension 1, which compiles a graph of its own.
+    n = 4 * cfg.segment_size
+    calls = [(n, n, kv_heads), (n // 2 + 1, n, kv_heads), (n, n, 1)]
+    if device.type != "cuda" and max_seq_len is not None:
+        capacity = 2 * CPU_MIN_CAPACITY
+        while capacity < 2 * max_seq_len:  # one call per power-of-two capacity up to max_seq_len
+            calls += [(cfg.block_size, capacity // 2 + 1, kv_heads), (cfg.block_size, capacity // 2 + 1, 1)]
+            capacity *= 2
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    group = query_heads // kv_heads
+    for n_queries, n_keys, heads in calls:
+        q = torch.randn(batch, group * heads, n_queries, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(batch, heads, n_keys, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(batch, heads, n_keys, value_dim or head_dim, generator=gen).to(device, dtype)
+        _pbs_attention(q, k, v, cfg, return_stats=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

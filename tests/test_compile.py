@@ -1,0 +1,70 @@
+"""First-call latency on the CPU: new lengths and chunks reuse compiled graphs; the user's own compiled
+flex_attention keeps its recompile budget. Compilations are counted (dynamo's graph counter), not timed."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import flexpbs
+from tests.helpers import Case, make_qkv, sdpa_causal
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def chunk(q_len: int, n: int, seed: int):
+    q, k, v = make_qkv(Case(1, 2, 2, n, 64, 128, 256, seed=seed, sharpness=2.0))
+    return q[:, :, n - q_len :], k, v
+
+
+def test_after_one_call_at_4096_shorter_lengths_and_chunks_compile_nothing():
+    flexpbs.attention(*chunk(4096, 4096, seed=0), threshold=0.8)
+    flexpbs.attention(*chunk(128, 3000, seed=0), threshold=0.8)  # a table of one KV head's rows: batch 1
+    before = graphs()
+    for seed, (q_len, n) in enumerate([(3000, 3000), (3500, 3500), (2600, 2600), (1024, 3000), (777, 3333),
+                                       (2, 4096), (2049, 2049), (300, 1000)]):
+        q, k, v = chunk(q_len, n, seed)
+        out, stats = flexpbs.attention(q, k, v, threshold=0.8, return_stats=True)
+        assert not stats.dense
+        want = flexpbs.attention(q, k, v, threshold=1.0)  # the same graph, every tile
+        torch.testing.assert_close(want, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
+        assert out.shape == q.shape
+    assert graphs() == before
+
+
+def test_warmup_prepares_the_cpu_graphs_up_to_max_seq_len():
+    options = dict(block_size=64, segment_size=128, threshold=0.7)
+    flexpbs.warmup(2, 1, 32, dtype=torch.float32, device="cpu", max_seq_len=6000, **options)
+    before = graphs()
+    for n_queries, n in [(6000, 6000), (5000, 5000), (129, 4500), (1, 4097)]:
+        q, k, v = make_qkv(Case(1, 1, 2, n, 32, 64, 128, seed=n))
+        flexpbs.attention(q[:, :, n - n_queries :], k, v, **options)
+    assert graphs() == before
+
+
+def test_warmup_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="query_heads 3 must be a multiple of kv_heads 2"):
+        flexpbs.warmup(3, 2, 64, device="cpu")
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        flexpbs.warmup(4, 2, 0, device="cpu")
+    with pytest.raises(ValueError, match="threshold"):
+        flexpbs.warmup(4, 2, 64, device="cpu", threshold=2.0)
+
+
+def test_the_users_compiled_flex_attention_keeps_its_recompile_budget(monkeypatch):
+    """flexpbs's graphs live on its own function: a user who compiles flex_attention with a small
+    recompile limit still gets compiled (not eager) kernels after flexpbs compiled several graphs."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        flexpbs.attention(*(x.to(dtype) for x in chunk(2000, 2000, seed=1)), threshold=0.8)
+    assert torch._dynamo.config.recompile_limit == 2  # flexpbs raised it for its own calls only
+    user_flex = torch.compile(flex_attention, dynamic=False)
+    for n in (256, 384):
+        q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+        causal = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cpu")
+        before = graphs()
+        out = user_flex(q, k, v, block_mask=causal)
+        assert graphs() == before + 1  # compiled, not fallen back to eager
+        torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)

@@ -1,0 +1,61 @@
+"""After ``flexpbs.warmup``, new prompt lengths and new chunk shapes compile nothing on the GPU.
+
+Compilations are counted, not timed: dynamo's graph count and the JIT caches of the Triton
+importance kernel (a new specialisation of either would cost a compile at that shape).
+"""
+
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import flexpbs
+from flexpbs.kernels import importance as kernels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+HEADS, KV_HEADS, D = 8, 2, 128
+
+
+def compiled_variants() -> int:
+    """Dynamo graphs plus compiled variants of the importance kernels and of flash-attn-4's kernels,
+    in this process so far."""
+    fa4 = sys.modules.get("flash_attn.cute.interface")
+    cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
+    jit = len(getattr(cache, "cache", cache or ())) + sum(
+        len(cache)
+        for fn in (kernels._row_stats_kernel, kernels._merge_stats_kernel, kernels._column_mass_kernel)
+        for cache, *_ in fn.device_caches.values()
+    )
+    return counters["stats"]["unique_graphs"] + jit
+
+
+def qkv(n_queries: int, n: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, HEADS, n_queries, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, KV_HEADS, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, KV_HEADS, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, k, v
+
+
+SHAPES = [
+    (4096, 4096), (5000, 5000), (6144, 6144), (9001, 9001), (12288, 12288), (20000, 20000), (32768, 32768),
+    (1024, 3000), (8192, 20000), (100, 12345), (4097, 32768), (129, 5000), (1, 7000),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_new_lengths_and_chunks_compile_nothing_after_warmup(backend):
+    if backend == "flash":
+        pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
+    options = dict(threshold=0.9, backend=backend, min_seq_len=0)
+    with torch.inference_mode():
+        flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
+        compiled = {}
+        for i, (n_queries, n) in enumerate(SHAPES):
+            before = compiled_variants()
+            out, stats = flexpbs.attention(*qkv(n_queries, n, seed=i), return_stats=True, **options)
+            compiled[(n_queries, n)] = compiled_variants() - before
+            assert not stats.dense and out.shape == (1, HEADS, n_queries, D)
+            assert torch.isfinite(out).all()
+    assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
