@@ -19,7 +19,8 @@ Sections (``--sections``), in one process, in this order:
   harness's heads, ``attn_implementation="flexpbs"``) over ``--hf-prompts`` prompts of lengths spread
   over ``--hf-range``, in total: a first pass and a second pass over the same prompts, and SDPA.
 
-B=1, Hq=32, Hkv=8, D=128, bf16, the synthetic workload (``bench/workloads.py``, seed 0): one draw of
+flexpbs runs its sparse path at every length (``min_seq_len=0``). B=1, Hq=32, Hkv=8, D=128, bf16, the
+synthetic workload (``bench/workloads.py``, seed 0): one draw of
 ``--draw`` tokens whose prefixes give shorter lengths; longer lengths repeat it. Everything runs under
 ``torch.no_grad()``, as ``generate`` does (compiled graphs are specialised on the grad mode), after a
 first CUDA call that stands for loading a model. Prints a table per section and writes ``--json``. Timings are wall-clock seconds or milliseconds around device syncs.
@@ -193,7 +194,7 @@ def main() -> None:
     parser.add_argument("--hf-layers", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    options = dict(threshold=args.threshold)
+    options = dict(threshold=args.threshold, min_seq_len=0)  # the sparse path at every length
     if args.backend:
         options["backend"] = args.backend
     result: dict = dict(options=options, torch=torch.__version__, device=torch.cuda.get_device_name())

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from flexpbs.config import Backend, GQAMode, PBSConfig, PBSStats, Permutation, Scorer
+from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.head_guard import keep_sorted_order, mix_orders
 from flexpbs.importance import key_importance, resolve_scorer
 from flexpbs.last_block import last_block_tiles
 from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
-from flexpbs.sparse_attention import check_block_size, flash_kernel_options, sparse_attention
+from flexpbs.dense import dense_causal_attention
+from flexpbs.dispatch import resolve
+from flexpbs.sparse_attention import check_block_size, sparse_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DEFAULTS = PBSConfig()
-_OP_OPTIONS = tuple(f.name for f in fields(PBSConfig))  # the op's option arguments, in order
 # Extra memory the pipeline may always use (below it, no head chunking), and the bytes one tile costs
 # in selection and BlockMask tables (bool tiles, full/partial masks, two int32 index lists, argsort).
 _MIN_CHUNK_BYTES = 2**30
@@ -32,19 +32,9 @@ def attention(
     value: torch.Tensor,
     *,
     valid_keys: torch.Tensor | None = None,
-    block_size: int = 128,
-    segment_size: int = 256,
-    threshold: float = 0.9,
-    gqa: GQAMode = "shared",
-    scale: float | None = None,
-    min_seq_len: int | None = None,
-    scorer: Scorer = "auto",
-    permutation: Permutation = "segment",
-    max_shrink: float | None = None,
-    exact_last_block: bool = False,
-    backend: Backend = "triton",
     config: PBSConfig | None = None,
     return_stats: bool = False,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats | list[PBSStats]]:
     """Causal prefill attention with Permuted Block-Sparse selection (PBS-Attn).
 
@@ -70,10 +60,9 @@ def attention(
             Nq positions); query rows at padded positions return zeros. Left, right and inner
             padding alike. Each sequence with padding runs on its own (the lengths are read on the
             host: not CUDA-graph capturable); sequences without padding run batched.
-        block_size, segment_size, threshold, gqa, scale, min_seq_len, scorer, permutation,
-            max_shrink, exact_last_block, backend: see :class:`PBSConfig`.
-        config: a :class:`PBSConfig`; when given, the keyword options above must stay at their
-            defaults.
+        config: a :class:`PBSConfig`, or None to build one from ``options``.
+        **options: :class:`PBSConfig` fields (``threshold=0.9``, ``backend="triton"``, ...); not
+            together with ``config`` (ValueError).
         return_stats: also return a :class:`PBSStats`; with ``valid_keys``, a list of B
             PBSStats, element b describing sequence b's call on its real tokens.
 
@@ -96,32 +85,17 @@ def attention(
     inductor cannot lower a mask_mod over tables computed in the same graph); behind it the eager
     pipeline runs. ``return_stats`` is then unsupported (ValueError).
     """
-    options = dict(
-        block_size=block_size,
-        segment_size=segment_size,
-        threshold=threshold,
-        gqa=gqa,
-        scale=scale,
-        min_seq_len=min_seq_len,
-        scorer=scorer,
-        permutation=permutation,
-        max_shrink=max_shrink,
-        exact_last_block=exact_last_block,
-        backend=backend,
-    )
-    changed = {name: value for name, value in options.items() if value != getattr(_DEFAULTS, name)}
-    cfg = PBSConfig.resolve(config, changed)
+    cfg = PBSConfig.resolve(config, options)
     _check_inputs(query, key, value)
     check_block_size(query.device, cfg.block_size)
-    if cfg.backend == "flash":
-        flash_kernel_options(query, value, cfg.block_size)  # unsupported inputs fail before any work
     if valid_keys is not None:
         check_valid_keys(valid_keys, key)
     if torch.compiler.is_compiling():
         if return_stats:
             raise ValueError("return_stats is not supported inside torch.compile; call eagerly")
-        options = (getattr(cfg, name) for name in _OP_OPTIONS)
-        return _attention_op(query, key, value, valid_keys, *options)
+        # "auto" options are resolved behind the op, on the real device
+        return _attention_op(query, key, value, valid_keys, cfg.to_string())
+    cfg = resolve(cfg, query, value)  # "auto" options; an unsupported backend fails before any work
     if valid_keys is not None:
         return padded_attention(query, key, value, valid_keys, cfg, _pbs_attention, return_stats)
     return _pbs_attention(query, key, value, cfg, return_stats)
@@ -141,7 +115,7 @@ def _pbs_attention(
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
     if cfg.runs_dense(seq_len) or n_queries == 0:
-        out = _dense_causal_attention(query, key, value, softmax_scale)
+        out = dense_causal_attention(query, key, value, softmax_scale)
         if not return_stats:
             return out
         return out, _dense_stats(
@@ -164,6 +138,7 @@ def _pbs_attention(
         dense=False,
         scorer=None if cfg.permutation == "none" and not cfg.exact_last_block else scorer_used,
         sorted_rows=sorted_rows,
+        backend=cfg.backend,
     )
 
 
@@ -300,35 +275,9 @@ def _kv_heads_per_chunk(
 
 @torch.library.custom_op("flexpbs::attention", mutates_args=())
 def _attention_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    valid_keys: torch.Tensor | None,
-    block_size: int,
-    segment_size: int,
-    threshold: float,
-    gqa: str,
-    scale: float | None,
-    min_seq_len: int | None,
-    scorer: str,
-    permutation: str,
-    max_shrink: float | None,
-    exact_last_block: bool,
-    backend: str,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid_keys: torch.Tensor | None, config: str
 ) -> torch.Tensor:
-    cfg = PBSConfig(
-        block_size,
-        segment_size,
-        threshold,
-        gqa,
-        scale,
-        min_seq_len,
-        scorer,
-        permutation,
-        max_shrink,
-        exact_last_block,
-        backend,
-    )
+    cfg = resolve(PBSConfig.from_string(config), query, value)
     if valid_keys is not None:
         out = padded_attention(query, key, value, valid_keys, cfg, _pbs_attention, return_stats=False)
     else:
@@ -338,7 +287,7 @@ def _attention_op(
 
 
 @_attention_op.register_fake
-def _(query, key, value, valid_keys, *options):
+def _(query, key, value, valid_keys, config):
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
@@ -381,23 +330,6 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         raise ValueError(
             f"query heads {query.shape[1]} must be a positive multiple of key heads {key.shape[1]}"
         )
-
-
-def _dense_causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """SDPA with the causal mask aligned bottom-right (query i at key position N - Nq + i)."""
-    n_queries, seq_len = query.shape[2], key.shape[2]
-    if n_queries == seq_len:
-        return F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scale, enable_gqa=True
-        )
-    # SDPA's is_causal is aligned top-left when Nq != N: state the mask instead.
-    mask = torch.ones(n_queries, seq_len, dtype=torch.bool, device=query.device)
-    mask = mask.tril(diagonal=seq_len - n_queries)
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
-    )
 
 
 def _density(tiles: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
 
 import torch
 
 GQAMode = Literal["shared", "per_head"]
-GQA_MODES: tuple[str, ...] = ("shared", "per_head")
 Scorer = Literal["auto", "triton", "torch"]
-SCORERS: tuple[str, ...] = ("auto", "triton", "torch")
 Permutation = Literal["segment", "none"]
-PERMUTATIONS: tuple[str, ...] = ("segment", "none")
-Backend = Literal["triton", "flash"]
-BACKENDS: tuple[str, ...] = ("triton", "flash")
+Backend = Literal["auto", "triton", "flash"]
+GQA_MODES, SCORERS, PERMUTATIONS, BACKENDS = (get_args(t) for t in (GQAMode, Scorer, Permutation, Backend))
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -43,7 +41,11 @@ class PBSConfig:
             per query head, K/V gathered per query head (the paper's reference code).
         scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)`` as in SDPA. Used for
             importance, block selection and attention alike.
-        min_seq_len: sequences shorter than this run dense causal attention.
+        min_seq_len: key lengths below this run dense causal attention (cuDNN first on CUDA).
+            ``"auto"`` (default): on CUDA, the length from which PBS was measured faster than SDPA
+            cuDNN on that GPU with the backend that runs (:mod:`flexpbs.dispatch`; 32768 on GPUs
+            not measured and in float32); on the CPU, 0. ``0`` or ``None``: PBS for every input
+            longer than ``segment_size``.
         permutation: ``"segment"`` sorts keys by importance inside each segment (PBS-Attn);
             ``"none"`` keeps the original order (one identity permutation per KV head, whatever
             ``gqa``): the same selector without permutation, for comparisons. It differs from the
@@ -62,11 +64,13 @@ class PBSConfig:
             blocks, in descending EXACT attention mass of the last ``block_size`` queries (known
             from the importance pass, which then also runs for ``permutation="none"``), whose
             share reaches ``threshold`` (see :mod:`flexpbs.last_block`). Adds tiles, never removes any.
-        backend: FlexAttention kernel of the attention stage. ``"triton"``: its Triton kernels
-            (its C++ kernel on CPU). ``"flash"``: its FLASH backend, flash-attn-4's CuTe DSL
-            kernels (optional package ``flash-attn-4``, experimental in torch): CUDA, float16 or
-            bfloat16, head dim 128 and ``block_size`` 128 only (what was checked); ImportError
-            when the package is missing, ValueError for other inputs.
+        backend: FlexAttention kernel of the attention stage. ``"auto"`` (default): ``"flash"``
+            where flash-attn-4 is installed and the call is one it was verified on (Hopper, i.e.
+            compute capability 9.0), ``"triton"`` otherwise. ``"triton"``: its Triton kernels (its
+            C++ kernel on CPU). ``"flash"``: its FLASH backend, flash-attn-4's CuTe DSL kernels
+            (extra ``flexpbs[flash]``; experimental in torch): CUDA, float16 or bfloat16, head dim
+            64 or 128 and ``block_size`` 128 only (what was checked); ImportError when the package
+            is missing, ValueError for other inputs.
     """
 
     block_size: int = 128
@@ -74,12 +78,12 @@ class PBSConfig:
     threshold: float = 0.9
     gqa: GQAMode = "shared"
     scale: float | None = None
-    min_seq_len: int | None = None
+    min_seq_len: int | Literal["auto"] | None = "auto"
     scorer: Scorer = "auto"
     permutation: Permutation = "segment"
     max_shrink: float | None = None
     exact_last_block: bool = False
-    backend: Backend = "triton"
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -101,7 +105,7 @@ class PBSConfig:
                 raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
             if not math.isfinite(self.scale):
                 raise ValueError(f"scale must be finite, got {self.scale}")
-        if self.min_seq_len is not None:
+        if self.min_seq_len is not None and self.min_seq_len != "auto":
             _check_int("min_seq_len", self.min_seq_len, minimum=0)
         if self.permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
@@ -139,9 +143,22 @@ class PBSConfig:
             )
         return config
 
+    def to_string(self) -> str:
+        """The options as ``name=repr(value)`` pairs joined by ``;`` (how the custom op
+        ``flexpbs::attention`` carries them; plain formatting, which torch.compile traces)."""
+        return ";".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+    @classmethod
+    def from_string(cls, text: str) -> PBSConfig:
+        """The config :meth:`to_string` wrote."""
+        pairs = (item.split("=", 1) for item in text.split(";"))
+        return cls(**{name: ast.literal_eval(value) for name, value in pairs})
+
     def runs_dense(self, seq_len: int) -> bool:
         """Whether ``seq_len`` keys (the key length, also for a chunk) run dense causal attention
-        instead of PBS (too short)."""
+        instead of PBS (too short); ``min_seq_len`` resolved (see :func:`flexpbs.dispatch.resolve`)."""
+        if self.min_seq_len == "auto":
+            raise ValueError("min_seq_len='auto' is resolved per call: use flexpbs.dispatch.resolve first")
         return seq_len <= self.segment_size or (self.min_seq_len is not None and seq_len < self.min_seq_len)
 
 
@@ -164,6 +181,8 @@ class PBSStats:
         sorted_rows: ``[B, Hp]`` bool, which permutation rows use the importance order (all with
             ``permutation="segment"`` and no ``max_shrink``; none for ``"none"``); ``None`` when
             the call ran dense.
+        backend: ``"triton"`` or ``"flash"``: the FlexAttention backend of the attention stage
+            (``None`` when the call ran dense).
     """
 
     block_mask: torch.Tensor
@@ -172,3 +191,4 @@ class PBSStats:
     dense: bool
     scorer: str | None = None
     sorted_rows: torch.Tensor | None = None
+    backend: str | None = None

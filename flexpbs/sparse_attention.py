@@ -20,9 +20,6 @@ key blocks (their output is dropped).
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 import torch._dynamo
 import torch.fx.experimental._config as fx_config
@@ -122,38 +119,6 @@ def check_block_size(device: torch.device, block_size: int) -> None:
         raise ValueError(f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}")
 
 
-@functools.cache
-def _flash_available() -> bool:
-    try:  # imports the CuTe DSL: seconds, once
-        importlib.import_module("flash_attn.cute")
-    except ImportError:
-        return False
-    return True
-
-
-def flash_kernel_options(query: torch.Tensor, value: torch.Tensor, block_size: int) -> dict:
-    """FlexAttention's kernel options for its FLASH backend (``backend="flash"``), after checking
-    that the inputs are what was checked on it.
-
-    Raises:
-        ValueError: a query off CUDA, not float16/bfloat16, head dims other than 128, or
-            ``block_size`` other than 128 (flash-attn-4's Hopper tile for head dim 128).
-        ImportError: ``flash_attn.cute`` (package ``flash-attn-4``) is not importable.
-    """
-    if query.device.type != "cuda":
-        raise ValueError(f"backend='flash' runs on CUDA only, got a query on {query.device.type}")
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"backend='flash' needs float16 or bfloat16 inputs, got {query.dtype}")
-    if query.shape[-1] != 128 or value.shape[-1] != 128 or block_size != 128:
-        raise ValueError(
-            f"backend='flash' is checked for head_dim 128 and block_size 128 only, got head dims "
-            f"{query.shape[-1]}/{value.shape[-1]} and block_size {block_size}"
-        )
-    if not _flash_available():
-        raise ImportError("backend='flash' needs flash_attn.cute: pip install flash-attn-4")
-    return {"BACKEND": "FLASH"}
-
-
 def sparse_attention(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -179,8 +144,8 @@ def sparse_attention(
         kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
             value compiles its own kernel. None: :func:`tuned_kernel_options` where they apply,
             FlexAttention's defaults elsewhere.
-        backend: ``"triton"`` or ``"flash"`` (see :class:`flexpbs.PBSConfig`); ``"flash"`` adds
-            ``BACKEND="FLASH"`` to ``kernel_options``.
+        backend: ``"triton"`` or ``"flash"`` (resolved: :func:`flexpbs.dispatch.resolve`); ``"flash"``
+            adds ``BACKEND="FLASH"`` to ``kernel_options``.
 
     Returns:
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
@@ -211,7 +176,7 @@ def sparse_attention(
     )
     positions[..., : perm.shape[-1]] = perm - query_start
     if backend == "flash":
-        kernel_options = {**flash_kernel_options(query, value_p, block_size), **(kernel_options or {})}
+        kernel_options = {"BACKEND": "FLASH", **(kernel_options or {})}
     kernel_options = _kernel_options(query, block_size, kernel_options)
     out = _folded_flex(query, key_p, value_p, lists, positions, block_size, scale, kernel_options, capacity is None)
     return out[:, :, lead:q_total] if lead or q_pad else out

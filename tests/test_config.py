@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import flexpbs
+from flexpbs.dispatch import BREAK_EVEN, FALLBACK_BREAK_EVEN, break_even, choose_backend
 from flexpbs import PBSConfig
 
 
@@ -98,25 +99,64 @@ def test_flash_backend_rejects_what_it_cannot_run(dtype, head_dim, block_size, m
         flexpbs.attention(q, q, q, backend="flash", block_size=block_size)
 
 
-def test_flash_kernel_options_checks_dtype_dims_and_block(monkeypatch):
-    """The checks after the device one, on meta tensors that claim to be on CUDA."""
-    from flexpbs import sparse_attention as sa
+FACTS = dict(device_type="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128, value_dim=128,
+             block_size=128, flash_installed=True)
 
-    class _Cuda:
-        type = "cuda"
 
-    def fake(dtype, head_dim):
-        t = torch.empty(1, 2, 256, head_dim, dtype=dtype, device="meta")
-        return type("Q", (), {"device": _Cuda(), "dtype": t.dtype, "shape": t.shape})()
+@pytest.mark.parametrize(
+    "facts, want",
+    [
+        ({}, "flash"),
+        (dict(head_dim=64, value_dim=64), "flash"),
+        (dict(dtype=torch.float16), "flash"),
+        (dict(flash_installed=False), "triton"),
+        (dict(capability=(8, 0)), "triton"),  # not verified there
+        (dict(capability=(10, 0)), "triton"),
+        (dict(device_type="cpu", capability=None), "triton"),
+        (dict(dtype=torch.float32), "triton"),
+        (dict(head_dim=96, value_dim=96), "triton"),
+        (dict(value_dim=64), "triton"),
+        (dict(block_size=64), "triton"),
+    ],
+)
+def test_auto_backend_takes_flash_only_where_installed_and_verified(facts, want):
+    assert choose_backend("auto", **{**FACTS, **facts}) == want
+    assert choose_backend("triton", **{**FACTS, **facts}) == "triton"
 
-    monkeypatch.setattr(sa, "_flash_available", lambda: True)
-    assert sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 128) == {"BACKEND": "FLASH"}
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
-        sa.flash_kernel_options(fake(torch.float32, 128), fake(torch.float32, 128), 128)
-    with pytest.raises(ValueError, match="head_dim 128 and block_size 128"):
-        sa.flash_kernel_options(fake(torch.bfloat16, 64), fake(torch.bfloat16, 64), 128)
-    with pytest.raises(ValueError, match="block_size 128"):
-        sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 64)
-    monkeypatch.setattr(sa, "_flash_available", lambda: False)
-    with pytest.raises(ImportError, match="flash-attn-4"):
-        sa.flash_kernel_options(fake(torch.bfloat16, 128), fake(torch.bfloat16, 128), 128)
+
+@pytest.mark.parametrize(
+    "facts, error, match",
+    [
+        (dict(device_type="cpu", capability=None), ValueError, "CUDA only"),
+        (dict(dtype=torch.float32), ValueError, "float16 or bfloat16"),
+        (dict(head_dim=96, value_dim=96), ValueError, r"head dims \(64, 128\)"),
+        (dict(block_size=64), ValueError, "block_size 128"),
+        (dict(flash_installed=False), ImportError, r"flexpbs\[flash\]"),
+    ],
+)
+def test_explicit_flash_backend_raises_where_it_cannot_run(facts, error, match):
+    with pytest.raises(error, match=match):
+        choose_backend("flash", **{**FACTS, **facts})
+    assert choose_backend("flash", **FACTS) == "flash"
+    assert choose_backend("flash", **{**FACTS, "capability": (10, 0)}) == "flash"  # explicit: unverified runs
+
+
+def test_auto_min_seq_len_is_the_measured_break_even():
+    for backend in ("triton", "flash"):
+        assert break_even("cuda", (9, 0), torch.bfloat16, backend) == BREAK_EVEN[(9, 0)][backend]
+        assert break_even("cuda", (9, 0), torch.float16, backend) == BREAK_EVEN[(9, 0)][backend]
+        assert break_even("cuda", (12, 0), torch.bfloat16, backend) == FALLBACK_BREAK_EVEN  # not measured
+        assert break_even("cuda", (9, 0), torch.float32, backend) == FALLBACK_BREAK_EVEN
+        assert break_even("cpu", None, torch.float32, backend) == 0
+
+
+def test_defaults_on_the_cpu_run_pbs_on_triton_and_stats_say_so():
+    """On the CPU ``"auto"`` means the Triton backend (FlexAttention's C++ kernel there) and no dense
+    minimum beyond one segment; the stats name the backend, and dense calls name none."""
+    q = torch.randn(1, 2, 600, 16)
+    _, stats = flexpbs.attention(q, q, q, return_stats=True)
+    assert (stats.dense, stats.backend) == (False, "triton")
+    _, stats = flexpbs.attention(q[:, :, :200], q[:, :, :200], q[:, :, :200], return_stats=True)
+    assert (stats.dense, stats.backend) == (True, None)
+    _, stats = flexpbs.attention(q, q, q, min_seq_len=1000, return_stats=True)
+    assert stats.dense

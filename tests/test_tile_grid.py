@@ -59,6 +59,6 @@ def test_calls_leave_cached_grids_unchanged(case, threshold):
         flexpbs.attention(q, k, v, config=cfg)
         before = {key: [t.clone() for t in grid] for key, grid in seen.items()}
         flexpbs.attention(q, k, v, config=cfg)
-    assert seen or cfg.runs_dense(case.seq_len)
+    assert seen or case.seq_len <= case.segment_size  # dense: short (the CPU has no other dense minimum)
     for key, grid in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(grid, before[key]))

@@ -20,7 +20,7 @@ def test_chunk_at_threshold_one_equals_dense_on_cuda(dtype, atol, n_queries):
                 seed=n_queries, sharpness=2.0)
     q, k, v = (x.cuda() for x in make_qkv(case, dtype))
     q = q[:, :, case.seq_len - n_queries :]
-    out, stats = flexpbs.attention(q, k, v, threshold=1.0, return_stats=True)
+    out, stats = flexpbs.attention(q, k, v, threshold=1.0, min_seq_len=0, return_stats=True)
     assert stats.scorer == "triton"
     want = sdpa_causal(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(out.float().cpu(), want, rtol=0, atol=atol)
@@ -32,7 +32,7 @@ def test_chunk_equals_the_reference_on_cuda(n_queries):
                 seed=3, sharpness=3.0)
     q, k, v = (x.cuda() for x in make_qkv(case))
     q = q[:, :, case.seq_len - n_queries :]
-    out, stats = flexpbs.attention(q, k, v, threshold=0.7, return_stats=True)
+    out, stats = flexpbs.attention(q, k, v, threshold=0.7, min_seq_len=0, return_stats=True)
     mask = reference.token_mask(stats.block_mask, stats.permutation, 128, n_queries)
     want = reference.masked_attention(q, k, v, mask, 64**-0.5)
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-4)
@@ -45,7 +45,7 @@ def test_padded_batch_on_cuda():
     valid = torch.ones(3, 3000, dtype=torch.bool, device="cuda")
     valid[1, :700] = False  # left
     valid[2, 2500:] = False  # right
-    out = flexpbs.attention(q, k, v, valid_keys=valid, threshold=1.0)
+    out = flexpbs.attention(q, k, v, valid_keys=valid, threshold=1.0, min_seq_len=0)
     want = sdpa_causal(q.cpu(), k.cpu(), v.cpu(), valid_keys=valid.cpu())
     real = valid.cpu()[:, None, :, None].expand_as(want)
     torch.testing.assert_close(out.float().cpu()[real], want[real], rtol=0, atol=3e-2)

@@ -18,24 +18,32 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.mark.parametrize(
-    "batch, kv_heads, group, seq_len, n_queries, gqa",
+    "batch, kv_heads, group, seq_len, n_queries, gqa, head_dim",
     [
-        (1, 2, 4, 8192, 8192, "shared"),  # a bucket length
-        (2, 2, 2, 5000, 5000, "per_head"),  # padded to a bucket
-        (1, 2, 4, 8200, 3000, "shared"),  # a chunk: queries at the last positions
+        (1, 2, 4, 8192, 8192, "shared", 128),  # whole blocks
+        (2, 2, 2, 5000, 5000, "per_head", 128),  # a partial last block
+        (1, 2, 4, 8200, 3000, "shared", 128),  # a chunk: queries at the last positions
+        (1, 3, 3, 6000, 6000, "shared", 64),  # head dim 64 (SmolLM2's heads: 9 query, 3 KV)
+        (2, 2, 2, 4200, 1500, "per_head", 64),
     ],
 )
-def test_flash_backend_matches_triton_and_the_reference(batch, kv_heads, group, seq_len, n_queries, gqa):
-    case = Case(batch=batch, kv_heads=kv_heads, group=group, seq_len=seq_len, head_dim=128, block_size=128,
+def test_flash_backend_matches_triton_and_the_reference(batch, kv_heads, group, seq_len, n_queries, gqa, head_dim):
+    case = Case(batch=batch, kv_heads=kv_heads, group=group, seq_len=seq_len, head_dim=head_dim, block_size=128,
                 segment_size=256, seed=seq_len, sharpness=2.0)
     q, k, v = (x.cuda() for x in make_qkv(case, torch.bfloat16))
     q = q[:, :, seq_len - n_queries :]
-    out, stats = flexpbs.attention(q, k, v, gqa=gqa, backend="flash", return_stats=True)
-    triton_out, triton_stats = flexpbs.attention(q, k, v, gqa=gqa, return_stats=True)
+    options = dict(gqa=gqa, min_seq_len=0, return_stats=True)
+    out, stats = flexpbs.attention(q, k, v, backend="flash", **options)
+    triton_out, triton_stats = flexpbs.attention(q, k, v, backend="triton", **options)
+    assert (stats.backend, triton_stats.backend) == ("flash", "triton")
     assert torch.equal(stats.block_mask, triton_stats.block_mask)  # selection does not depend on it
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), triton_out.float(), rtol=0, atol=3e-2)
     # float32 attention over exactly the reported tiles, causal on original positions
     mask = reference.token_mask(stats.block_mask, stats.permutation, 128, n_queries)
-    want = reference.masked_attention(q, k, v, mask, 128**-0.5)
+    want = reference.masked_attention(q, k, v, mask, head_dim**-0.5)
     torch.testing.assert_close(out.float().cpu(), want, rtol=0, atol=3e-2)
+    # backend="auto" takes flash here (Hopper, flash-attn-4 installed) and gives the same result
+    auto, auto_stats = flexpbs.attention(q, k, v, **options)
+    assert auto_stats.backend == "flash"
+    assert torch.equal(auto, out)

@@ -45,6 +45,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
+from flexpbs.dispatch import resolve
 
 FALLBACK_REASONS: dict[str, str] = {
     "not_prefill": (
@@ -55,7 +56,8 @@ FALLBACK_REASONS: dict[str, str] = {
     "not_causal": "the module or the call is not causal",
     "dropout": "attention dropout > 0 (training)",
     "grad": "inputs require grad with autograd enabled (PBS is inference-only)",
-    "short": "at most segment_size tokens, or fewer than min_seq_len",
+    "short": "at most segment_size tokens, or fewer than min_seq_len (by default the length from which PBS "
+    "beats dense attention on this GPU)",
     "unsupported": "position_bias, a paged cache, or more queries than keys",
 }
 
@@ -68,6 +70,8 @@ class FlexPBSAttention:
         config: the registration's :class:`PBSConfig` (defaults for every model).
         calls: ``collections.Counter`` of eager calls per path: ``"pbs"`` or a key of
             :data:`FALLBACK_REASONS`.
+        backends: ``collections.Counter`` of eager PBS calls per FlexAttention backend that ran
+            (``"triton"`` or ``"flash"``, see ``backend="auto"``).
         last_stats: :class:`PBSStats` of the last eager PBS call (any layer), a list of them
             (one per sequence) for a padded batch, or None.
         on_stats: ``callable(layer_idx, stats)`` called after every eager PBS call, or None.
@@ -83,11 +87,13 @@ class FlexPBSAttention:
         self.config = config
         self.on_stats = on_stats
         self.calls: collections.Counter[str] = collections.Counter()
+        self.backends: collections.Counter[str] = collections.Counter()
         self.last_stats: PBSStats | list[PBSStats] | None = None
 
     def reset(self) -> None:
-        """Clear ``calls`` and ``last_stats``."""
+        """Clear ``calls``, ``backends`` and ``last_stats``."""
         self.calls.clear()
+        self.backends.clear()
         self.last_stats = None
 
     def config_for(self, module: torch.nn.Module, scaling: float | None = None) -> PBSConfig:
@@ -116,8 +122,11 @@ class FlexPBSAttention:
     ) -> tuple[torch.Tensor, None]:
         """``query [B, Hq, Nq, D]``, ``key``/``value [B, Hkv, Nk, D]`` -> (``[B, Nq, Hq, Dv]``, None)."""
         config = self.config_for(module, scaling)
-        reason = _fallback_reason(module, query, key, value, attention_mask, dropout, config, kwargs)
         compiling = torch.compiler.is_compiling()
+        # "auto" options are resolved per call on the real device; while compiling, the custom op
+        # resolves them behind the graph, and only inputs of at most one segment fall back here.
+        decided = dataclasses.replace(config, min_seq_len=0) if compiling else resolve(config, query, value)
+        reason = _fallback_reason(module, query, key, value, attention_mask, dropout, decided, kwargs)
         valid_keys = None
         if reason is None and attention_mask is not None:
             if not compiling:  # recognising the mask reads it: eager only
@@ -137,9 +146,10 @@ class FlexPBSAttention:
             out = attention(query, key, value, config=config)
         else:
             out, stats = attention(
-                query, key, value, valid_keys=valid_keys, config=config, return_stats=True
+                query, key, value, valid_keys=valid_keys, config=decided, return_stats=True
             )
             self.calls["pbs"] += 1
+            self.backends[decided.backend] += 1
             self.last_stats = stats
             if self.on_stats is not None:
                 self.on_stats(getattr(module, "layer_idx", None), stats)
