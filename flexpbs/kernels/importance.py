@@ -322,6 +322,13 @@ def _mass_tiles(rows: int, d_pad: int, per_query_head: bool, fp32: bool) -> _Til
 _STATS_WAVES = 8
 
 
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    """``x``'s strides with the batch stride 0 for a batch of one (never multiplied by a nonzero index):
+    past 2^31 elements (a 512K-token query of 32 heads) it would be a 64-bit argument, which Triton
+    compiles as a variant of its own at the first such length."""
+    return (0 if x.shape[0] == 1 else x.stride(0), *x.stride()[1:])
+
+
 def _common(query: torch.Tensor) -> dict:
     fp32_inputs = query.dtype == torch.float32
     return dict(
@@ -369,8 +376,8 @@ def _row_lse(
         key,
         part_max,
         part_sum,
-        *query.stride(),
-        *key.stride(),
+        *_strides(query),
+        *_strides(key),
         kv_heads,
         seq_len,
         n_complete,
@@ -417,9 +424,9 @@ def _column_mass(
         key,
         lse,
         out,
-        *query.stride(),
-        *key.stride(),
-        out.stride(0),
+        *_strides(query),
+        *_strides(key),
+        _strides(out)[0],
         out.stride(1),
         kv_heads,
         seq_len,
