@@ -17,10 +17,12 @@ import torch
 from flexpbs.config import PBSConfig
 
 # Key length from which PBS beat SDPA cuDNN at every longer length measured, per CUDA compute
-# capability and backend, for half precision (B=1, Hq=32, Hkv=8, D=128, the synthetic workload at
-# threshold 0.9). Regenerate: ``python -m bench breakeven`` (bench/RESULTS.md).
+# capability and backend, for half precision (B=1, Hq=32, Hkv=8, D=128, bf16, the synthetic workload at
+# threshold 0.9). 9.0: an H200, torch 2.11 (bench/RESULTS.md, "Break-even"): at 12288 both backends were
+# 4-7% slower than cuDNN, at 16384 1.09x (Triton) and 1.50x (FLASH) faster. Regenerate with
+# bench/breakeven.py.
 BREAK_EVEN: dict[tuple[int, int], dict[str, int]] = {
-    (9, 0): {"triton": 16384, "flash": 12288},
+    (9, 0): {"triton": 16384, "flash": 16384},
 }
 # Other GPUs, and float32 everywhere: where no measurement exists, PBS only from this length.
 FALLBACK_BREAK_EVEN = 32768

@@ -13,8 +13,6 @@ from tests.helpers import Case, make_qkv
 if not torch.cuda.is_available():
     raise RuntimeError("tests_gpu needs a CUDA device")
 pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
-# flash-attn-4's CuTe DSL code calls deprecated DSL functions while it compiles a kernel
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.mark.parametrize(
