@@ -53,10 +53,10 @@ def test_warmup_rejects_bad_shapes():
         flexpbs.warmup(4, 2, 64, device="cpu", threshold=2.0)
 
 
-def test_the_users_compiled_flex_attention_keeps_its_recompile_budget(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_the_users_compiled_flex_attention_keeps_its_recompile_budget():
     """flexpbs's graphs live on its own function: a user who compiles flex_attention with a small
     recompile limit still gets compiled (not eager) kernels after flexpbs compiled several graphs."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     for dtype in (torch.float32, torch.bfloat16):
         flexpbs.attention(*(x.to(dtype) for x in chunk(2000, 2000, seed=1)), threshold=0.8)
     assert torch._dynamo.config.recompile_limit == 2  # flexpbs raised it for its own calls only
