@@ -53,11 +53,11 @@ DENSE = ("flex_causal", "cudnn", "fa2")
 PBS_METHODS: dict[str, dict] = {
     "flexpbs": {},
     "flexpbs_flash": {"backend": "flash"},
-    "noperm": {"permutation": "none"},
+    "noperm": {"key_order": "original"},
     "guard": {"max_shrink": 0.1},
     "guard_last": {"max_shrink": 0.1, "exact_last_block": True},
     "last": {"exact_last_block": True},
-    "noperm_last": {"permutation": "none", "exact_last_block": True},
+    "noperm_last": {"key_order": "original", "exact_last_block": True},
 }
 
 

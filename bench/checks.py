@@ -98,7 +98,7 @@ def check_rows(q, k, v, out, stats, cfg: PBSConfig, heads: list[tuple[int, int]]
             rows = rows_of[(b, h)]
         if not rows:
             continue
-        want, tol = reference_rows(q, k, v, stats.block_mask, stats.permutation, cfg.block_size, scale, b, h, rows)
+        want, tol = reference_rows(q, k, v, stats.tiles, stats.key_positions, cfg.block_size, scale, b, h, rows)
         err = (out[b, h, rows].float() - want).abs().amax(-1)
         ratio = err / tol.clamp_min(1e-30)
         ratio = torch.where(err.isfinite(), ratio, torch.full_like(ratio, math.inf))
@@ -111,22 +111,22 @@ def check_rows(q, k, v, out, stats, cfg: PBSConfig, heads: list[tuple[int, int]]
 def check_stats(stats, n: int, cfg: PBSConfig) -> None:
     """Permutation is a bijection of each segment (tail in place), forced tiles present, no tile wholly
     in the future, density consistent. Raises AssertionError."""
-    perm = stats.permutation
+    perm = stats.key_positions
     seg = cfg.segment_size
     n_complete = n // seg * seg
     segs = perm[..., :n_complete].unflatten(-1, (-1, seg))
     starts = torch.arange(0, n_complete, seg, device=perm.device).view(-1, 1)
     assert torch.equal(segs.sort(-1).values, (starts + torch.arange(seg, device=perm.device)).expand_as(segs))
     assert torch.equal(perm[..., n_complete:], torch.arange(n_complete, n, device=perm.device).expand(*perm.shape[:2], -1))
-    group = stats.block_mask.shape[1] // perm.shape[1]
+    group = stats.tiles.shape[1] // perm.shape[1]
     forced = forced_tiles(perm, cfg.block_size, seg).repeat_interleave(group, dim=1)
-    assert not (forced & ~stats.block_mask).any(), "forced tiles missing"
+    assert not (forced & ~stats.tiles).any(), "forced tiles missing"
     first_pos, _ = block_position_bounds(perm, cfg.block_size)
-    nb = stats.block_mask.shape[-1]
+    nb = stats.tiles.shape[-1]
     last_query = (torch.arange(1, nb + 1, device=perm.device) * cfg.block_size).clamp_max(n) - 1
     future = first_pos.repeat_interleave(group, dim=1)[:, :, None, :] > last_query[:, None]
-    assert not (stats.block_mask & future).any(), "tile wholly in the future"
-    density = stats.block_mask.sum((-1, -2), dtype=torch.float32) / (nb * (nb + 1) / 2)
+    assert not (stats.tiles & future).any(), "tile wholly in the future"
+    density = stats.tiles.sum((-1, -2), dtype=torch.float32) / (nb * (nb + 1) / 2)
     assert torch.allclose(stats.density, density)
 
 
@@ -138,11 +138,11 @@ def finite_tile_rows(q, k, v, stats, block_size: int) -> torch.Tensor:
     a zero probability in the P @ V product, and 0 * NaN is NaN.
     """
     batch, q_heads, n, _ = q.shape
-    k_p, v_p = permute_kv(k, v, stats.permutation)
+    k_p, v_p = permute_kv(k, v, stats.key_positions)
     bad_slot = ~(k_p.isfinite().all(-1) & v_p.isfinite().all(-1))  # [B, Hp, N]
     bad_block = F.pad(bad_slot, (0, -n % block_size)).unflatten(-1, (-1, block_size)).any(-1)  # [B, Hp, nb]
     bad_block = bad_block.repeat_interleave(q_heads // bad_block.shape[1], dim=1)
-    bad_qblock = (stats.block_mask & bad_block[:, :, None, :]).any(-1)  # [B, Hq, nb]
+    bad_qblock = (stats.tiles & bad_block[:, :, None, :]).any(-1)  # [B, Hq, nb]
     return q.isfinite().all(-1) & ~bad_qblock.repeat_interleave(block_size, dim=-1)[..., :n]
 
 
@@ -151,11 +151,11 @@ def check_against_reference(q, k, stats, cfg: PBSConfig) -> dict:
     qc, kc = q.cpu(), k.cpu()
     n = q.shape[2]
     imp = reference.importance(qc, kc, cfg)
-    want = reference.permutation(imp, n, cfg.segment_size)
-    perm = stats.permutation.cpu()
+    want = reference.segment_sort(imp, n, cfg.segment_size)
+    perm = stats.key_positions.cpu()
     n_complete = imp.shape[-1]
     same_tail = torch.equal(perm[..., n_complete:], want[..., n_complete:])
     got_imp, want_imp = imp.gather(-1, perm[..., :n_complete]), imp.gather(-1, want[..., :n_complete])
     perm_ok = same_tail and torch.allclose(got_imp, want_imp, rtol=1e-5, atol=1e-9)
-    tiles_ok = torch.equal(stats.block_mask.cpu(), reference.selection(qc, kc, perm, cfg))
+    tiles_ok = torch.equal(stats.tiles.cpu(), reference.selection(qc, kc, perm, cfg))
     return dict(permutation=perm_ok, selection=tiles_ok)

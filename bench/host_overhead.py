@@ -54,7 +54,7 @@ def main() -> None:
     rows = []
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
-        cfg = PBSConfig(scorer="triton", backend=args.backend)
+        cfg = PBSConfig(importance_kernel="triton", backend=args.backend)
         stages = stage_calls(q, k, v, cfg)
         stages["whole call"] = lambda: flexpbs.attention(q, k, v, config=cfg)
         # What one launch costs: the importance kernels without the custom op around them, and a

@@ -12,11 +12,11 @@ for n in (32768, 131072):
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
     row = [f"N={n}", f"q+k {(q.numel() + k.numel()) * 2 / 2**20:.0f} MiB"]
     for scorer in ("triton", "torch"):
-        key_importance(q, k, block_size=128, segment_size=256, scale=128**-0.5, per_query_head=False, scorer=scorer)
+        key_importance(q, k, block_size=128, segment_size=256, scale=128**-0.5, per_query_head=False, kernel=scorer)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        key_importance(q, k, block_size=128, segment_size=256, scale=128**-0.5, per_query_head=False, scorer=scorer)
+        key_importance(q, k, block_size=128, segment_size=256, scale=128**-0.5, per_query_head=False, kernel=scorer)
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         row.append(f"{scorer}: peak extra {extra:.1f} MiB (output {8 * n * 4 / 2**20:.1f} MiB)")

@@ -72,7 +72,7 @@ def chunk_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple
         try:
             chunks = k.shape[1] // api._kv_heads_per_chunk(q, k, v, 128, False)
             out, stats = flexpbs.attention(q, k, v, return_stats=True)
-            same_tiles = torch.equal(stats.block_mask, ref_stats.block_mask)
+            same_tiles = torch.equal(stats.tiles, ref_stats.tiles)
             diff = (out.float() - ref.float()).abs().max().item()
             extra = peak_extra_gib(call) - ref.numel() * ref.element_size() / 2**30
             note = (f"{chunks} chunks, extra beyond q/k/v/out {extra:.3f} GiB = {extra * 2**30 / inputs:.2f}x q/k/v, "
@@ -149,7 +149,7 @@ def main() -> None:
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device=DEV)
         scale = 128**-0.5
-        imp = key_importance(q, k, block_size=128, segment_size=256, scale=scale, per_query_head=False, scorer="triton")
+        imp = key_importance(q, k, block_size=128, segment_size=256, scale=scale, per_query_head=False, importance_kernel="triton")
         perm = segment_permutation(imp, n, 256)
         k_p, v_p = permute_kv(k, v, perm)
         sel = lambda: selection.select_tiles(  # noqa: E731

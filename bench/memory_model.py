@@ -27,18 +27,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import flexpbs
-import flexpbs.api
+import flexpbs.pipeline
 import flexpbs.sparse_attention
 
 GiB = 2**30
 # (module, function, stage label), in pipeline order; the block mask is built inside the attention stage.
 STAGES = [
-    (flexpbs.api, "key_importance", "importance"),
-    (flexpbs.api, "segment_permutation", "permutation"),
-    (flexpbs.api, "permute_kv", "gather K/V"),
-    (flexpbs.api, "select_tiles", "selection"),
+    (flexpbs.pipeline, "key_importance", "importance"),
+    (flexpbs.pipeline, "segment_permutation", "permutation"),
+    (flexpbs.pipeline, "permute_kv", "gather K/V"),
+    (flexpbs.pipeline, "select_tiles", "selection"),
     (flexpbs.sparse_attention, "block_lists", "block mask"),
-    (flexpbs.api, "sparse_attention", "mask + attention"),
+    (flexpbs.pipeline, "sparse_attention", "mask + attention"),
 ]
 
 
@@ -149,7 +149,7 @@ def _meta_flex_attention(query, key, value, lists, positions, block_size, scale,
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
-def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, scorer):
+def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, kernel):
     """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
     statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
     batch, q_heads, n, _ = query.shape
@@ -168,12 +168,12 @@ def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch
     v = torch.empty_like(k)
     scorer = contextlib.nullcontext()
     if importance == "triton":
-        scorer = mock.patch.object(flexpbs.api, "key_importance", _meta_triton_importance)
+        scorer = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
     with (mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
           scorer, MemoryCensus([q, k, v]) as seen):
         probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
         with stage_probe(probe):
-            out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, scorer="torch")
+            out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, importance_kernel="torch")
         total = probe.whole_call_peak()
         del out
     return probe.stages, total, seen

@@ -56,7 +56,7 @@ def main() -> None:
     for n in args.lengths:
         q = torch.empty(1, 32, n, 128, dtype=torch.bfloat16, device=dev)
         k = torch.empty(1, 8, n, 128, dtype=torch.bfloat16, device=dev)
-        stages = stage_calls(q, k, k, PBSConfig(scorer="torch"))
+        stages = stage_calls(q, k, k, PBSConfig(importance_kernel="torch"))
         del stages["mask+attn"]  # FlexAttention does not run on the meta device
         for name, fn in stages.items():
             counter = count(fn)

@@ -4,7 +4,7 @@
     python bench/quality.py --lengths 4096 8192 --out bench/quality_out
 
 Measures, for dense attention, PBS (thresholds x segment sizes) and the same selector without
-permutation (``permutation="none"``):
+permutation (``key_order="original"``):
 - perplexity of each text (all tokens and the last 512), with the method in every layer;
 - passkey retrieval: a random 5-digit key hidden at a random depth of a real text, greedy answer;
 - per layer and head, on q/k/v captured from the dense run: density, attention recall (share of the
@@ -48,7 +48,7 @@ class Method:
         cfg = self.config
         if cfg is None:
             return "dense"
-        name = "no permutation" if cfg.permutation == "none" else "PBS"
+        name = "no permutation" if cfg.key_order == "original" else "PBS"
         if cfg.max_shrink is not None:
             name += f" + head guard {cfg.max_shrink}"
         if cfg.exact_last_block:
@@ -59,10 +59,10 @@ class Method:
 # Method families beyond dense: label prefix -> PBSConfig options ("{ms}": the --max-shrink value).
 FAMILY_OPTIONS: dict[str, dict] = {
     "PBS": {},
-    "noperm": {"permutation": "none"},
+    "noperm": {"key_order": "original"},
     "guard": {"max_shrink": "{ms}"},
     "PBS+last": {"exact_last_block": True},
-    "noperm+last": {"permutation": "none", "exact_last_block": True},
+    "noperm+last": {"key_order": "original", "exact_last_block": True},
     "guard+last": {"max_shrink": "{ms}", "exact_last_block": True},
 }
 FAMILIES = ("dense", *FAMILY_OPTIONS)
@@ -213,12 +213,12 @@ def layer_analysis(captured, method_list: list[Method], block: int) -> list[dict
         for method in method_list:
             out, stats = flexpbs.attention(q, k, v, config=method.config, return_stats=True)
             err = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)
-            perm_group = q_heads // stats.permutation.shape[1]
+            perm_group = q_heads // stats.key_positions.shape[1]
             for h, mass in enumerate(masses):
                 nb = mass.shape[0]
-                by_tile = F.pad(mass[:, stats.permutation[0, h // perm_group]], (0, nb * block - n))
+                by_tile = F.pad(mass[:, stats.key_positions[0, h // perm_group]], (0, nb * block - n))
                 by_tile = by_tile.view(nb, nb, block).sum(-1)
-                recall = (by_tile * stats.block_mask[0, h]).sum().item() / n
+                recall = (by_tile * stats.tiles[0, h]).sum().item() / n
                 rows.append(dict(method=method.label, layer=layer, head=h, density=stats.density[0, h].item(),
                                  recall=recall, rel_error=err[0, h].item()))
     return rows

@@ -42,8 +42,8 @@ def main() -> None:
         n, group = q.shape[2], q.shape[1] // k.shape[1]
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         res = {}
-        for perm in ("segment", "none"):
-            out, st = flexpbs.attention(q, k, v, threshold=0.9, permutation=perm, return_stats=True)
+        for perm in ("sorted", "original"):
+            out, st = flexpbs.attention(q, k, v, threshold=0.9, key_order=perm, return_stats=True)
             err = (out - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-6)
             res[perm] = (err[0].mean(-1), st.density[0])
         pos = torch.linspace(256, n - 1, 128).long()
@@ -56,8 +56,8 @@ def main() -> None:
                 local=(p * (kpos[None] > pos[:, None] - 256)).sum(-1).mean().item(),
                 sink=p[:, :4].sum(-1).mean().item(),
                 ent=-(p.clamp_min(1e-12).log() * p).sum(-1).mean().item(),
-                harm=(res["segment"][0][h] - res["none"][0][h]).item(),
-                dp=res["segment"][1][h].item(), dn=res["none"][1][h].item()))
+                harm=(res["sorted"][0][h] - res["original"][0][h]).item(),
+                dp=res["sorted"][1][h].item(), dn=res["original"][1][h].item()))
     OUT.write_text(json.dumps(rows))
 
 

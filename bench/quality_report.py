@@ -165,12 +165,12 @@ def mask_picture(qkv_path: Path, out: Path, layer: int, head: int) -> None:
     captured = torch.load(qkv_path)
     q, k, v = (t.float() for t in captured[layer])
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
-    for ax, perm_mode, title in ((axes[0], "none", "original order"), (axes[1], "segment", "after permutation")):
-        _, stats = flexpbs.attention(q, k, v, threshold=0.9, permutation=perm_mode, return_stats=True)
+    for ax, perm_mode, title in ((axes[0], "original", "original order"), (axes[1], "sorted", "after permutation")):
+        _, stats = flexpbs.attention(q, k, v, threshold=0.9, key_order=perm_mode, return_stats=True)
         group = q.shape[1] // k.shape[1]
-        perm = stats.permutation[0, head // (q.shape[1] // stats.permutation.shape[1])]
+        perm = stats.key_positions[0, head // (q.shape[1] // stats.key_positions.shape[1])]
         mass = plot.tile_attention_mass(q[0, head], k[0, head // group], perm, 128)
-        plot.block_mask(stats.block_mask[0, head], mass=mass.clamp_min(1e-6).log10(), ax=ax,
+        plot.tiles(stats.tiles[0, head], mass=mass.clamp_min(1e-6).log10(), ax=ax,
                         title=f"layer {layer} head {head}, {title}")
     fig.tight_layout()
     fig.savefig(out / f"block_mask_layer{layer}_head{head}.png", dpi=110)

@@ -151,11 +151,11 @@ def section_determinism(args, dev) -> None:
         runs = [flexpbs.attention(q, k, v, threshold=0.9, gqa=gqa, return_stats=True) for _ in range(3)]
         (o1, s1) = runs[0]
         same = all(
-            torch.equal(o1, o) and torch.equal(s1.block_mask, s.block_mask)
-            and torch.equal(s1.permutation, s.permutation) and torch.equal(s1.density, s.density)
+            torch.equal(o1, o) and torch.equal(s1.tiles, s.tiles)
+            and torch.equal(s1.key_positions, s.key_positions) and torch.equal(s1.density, s.density)
             for o, s in runs[1:]
         )
-        digest = fingerprint(o1, s1.block_mask, s1.permutation, s1.density)
+        digest = fingerprint(o1, s1.tiles, s1.key_positions, s1.density)
         report("determinism", f"N={n} {gqa} {str(dtype)[6:]}, 3 calls",
                f"{'bitwise identical' if same else 'DIFFERENT'} output, block mask, permutation, density; "
                f"sha256 {digest} (compare across processes on one machine)")
@@ -220,7 +220,7 @@ def section_numerics(args, dev) -> None:
         check_stats(stats, n, cfg)
         group = hq // hkv
         others_same = torch.equal(out[:, group:], clean[:, group:]) and torch.equal(
-            stats.block_mask[:, group:], clean_stats.block_mask[:, group:])
+            stats.tiles[:, group:], clean_stats.tiles[:, group:])
         exact = finite_tile_rows(x["query"], x["key"], x["value"], stats, cfg.block_size)
         affected_heads = [(0, h) for h in range(group)]
         rows_of = {bh: [i for i in rows if exact[bh[0], bh[1], i]] for bh in affected_heads}

@@ -13,7 +13,7 @@ import torch
 
 from flexpbs import PBSConfig
 from flexpbs.block_mask import build_block_mask
-from flexpbs.importance import key_importance, resolve_scorer
+from flexpbs.importance import key_importance, resolve_importance_kernel
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
 from flexpbs.sparse_attention import sparse_attention
@@ -30,13 +30,13 @@ def stage_calls(
     n, scale = q.shape[2], q.shape[-1] ** -0.5
     bs, seg = cfg.block_size, cfg.segment_size
     calls: dict[str, Callable[[], object]] = {}
-    if cfg.permutation == "none":
+    if cfg.key_order == "original":
         perm = identity_permutation(q.shape[0], k.shape[1], n, q.device)
         k_p, v_p = k, v
     else:
-        scorer = resolve_scorer(cfg.scorer, q.device)
+        kernel = resolve_importance_kernel(cfg.importance_kernel, q.device)
         calls["importance"] = lambda: key_importance(
-            q, k, block_size=bs, segment_size=seg, scale=scale, per_query_head=False, scorer=scorer
+            q, k, block_size=bs, segment_size=seg, scale=scale, per_query_head=False, kernel=kernel
         )
         imp = calls["importance"]()
         calls["permute"] = lambda: permute_kv(k, v, segment_permutation(imp, n, seg))

@@ -50,7 +50,7 @@ def error_on_the_selection(q, k, v, out, stats) -> tuple[float, float]:
     oracle over the tiles and permutation flexpbs reported (a block-aligned slice of the rows)."""
     n, block = q.shape[2], 128
     rows = min(CHECKED_ROWS, n) // block * block or n
-    mask = reference.token_mask(stats.block_mask[:, :, -(rows // block) :].cpu(), stats.permutation.cpu(), block, rows)
+    mask = reference.token_mask(stats.tiles[:, :, -(rows // block) :].cpu(), stats.key_positions.cpu(), block, rows)
     scale = q.shape[-1] ** -0.5
     want = reference.masked_attention(q[:, :, -rows:], k, v, mask, scale)
     err = (out[:, :, -rows:].float().cpu() - want).abs().max().item()

@@ -5,10 +5,10 @@ Public API: :func:`attention`, :func:`warmup`, :class:`PBSConfig`, :class:`PBSSt
 used by the tests lives in :mod:`flexpbs.reference`.
 """
 
-from flexpbs import nn
+from flexpbs import limits, nn
 from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.warmup import warmup
 
-__all__ = ["attention", "warmup", "PBSConfig", "PBSStats", "nn"]
+__all__ = ["attention", "warmup", "PBSConfig", "PBSStats", "nn", "limits"]
 __version__ = "0.1.0"

@@ -20,8 +20,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
 from flexpbs.permutation import block_last_positions
-from flexpbs.selection import row_bands
-from flexpbs.tile_grid import TileGrid, tile_grid
+from flexpbs.limits import LIMITS
+from flexpbs.tile_grid import TileGrid, row_bands, tile_grid
 
 
 def pbs_mask_mod(tiles: torch.Tensor, perm: torch.Tensor, block_size: int) -> _mask_mod_signature:
@@ -63,9 +63,6 @@ def causal_mask_mod(positions: torch.Tensor, group: int) -> _mask_mod_signature:
     return causal_on_original_positions
 
 
-# Tiles sorted per step of _full_lists: bounds the int64 argsort temporaries (8 B per tile).
-_TILES_PER_STEP = 2**24
-
 
 def _full_lists(full: torch.Tensor, bands: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``[B, H, nq, nb]`` bool rows -> (counts ``[B, H, nq]``, indices ``[B, H, nq, nb]``) int32.
@@ -77,7 +74,7 @@ def _full_lists(full: torch.Tensor, bands: list[tuple[int, int, int]]) -> tuple[
     """
     order = torch.zeros(full.shape, dtype=torch.int32, device=full.device)
     for r0, r1, c1 in bands:
-        step = max(1, _TILES_PER_STEP // (full.shape[0] * (r1 - r0) * c1))
+        step = max(1, LIMITS.sort_tiles // (full.shape[0] * (r1 - r0) * c1))
         for h0 in range(0, full.shape[1], step):
             chunk = full[:, h0 : h0 + step, r0:r1, :c1].view(torch.uint8)  # a bool is one byte: no copy
             order[:, h0 : h0 + step, r0:r1, :c1] = torch.argsort(chunk, dim=-1, descending=True, stable=True)
@@ -99,17 +96,6 @@ def _partial_lists(partial: torch.Tensor, grid: TileGrid, n_blocks: int) -> tupl
     own = grid.own_columns.expand(partial.shape)
     indices[..., : partial.shape[-1]] = own.gather(-1, order)
     return partial.sum(dim=-1, dtype=torch.int32), indices
-
-
-def _bands(q_blocks: int, n_blocks: int, first_block: int, blocks_per_segment: int) -> list[tuple[int, int, int]]:
-    """(first row, end row, end column) of the :func:`row_bands` of the query blocks (query block r
-    lies in key block ``first_block + r``): no block of a row lies past its own segment, so a band
-    ends at the end of the segment of its last row."""
-    bands = []
-    for r0, r1 in row_bands(0, q_blocks):
-        end = ((first_block + r1 - 1) // blocks_per_segment + 1) * blocks_per_segment
-        bands.append((r0, r1, min(end, n_blocks)))
-    return bands
 
 
 class BlockLists(NamedTuple):
@@ -153,7 +139,8 @@ def block_lists(
     own_later = (last_pos[:, :, grid.own_columns] > grid.query_start)[:, :, None]
     partial = (own_tiles & own_later & grid.own_valid).view(batch, q_heads, q_blocks, -1)
     partial_count, partial_index = _partial_lists(partial, grid, n_blocks)
-    full_count, full_index = _full_lists(full, _bands(q_blocks, n_blocks, first_block, blocks_per_segment))
+    bands = row_bands(q_blocks, n_blocks, first_block, blocks_per_segment, own_segment=True)
+    full_count, full_index = _full_lists(full, bands)
     return BlockLists(partial_count, partial_index, full_count, full_index)
 
 

@@ -11,10 +11,12 @@ from typing import Any, Literal, get_args
 import torch
 
 GQAMode = Literal["shared", "per_head"]
-Scorer = Literal["auto", "triton", "torch"]
-Permutation = Literal["segment", "none"]
+ImportanceKernel = Literal["auto", "triton", "torch"]
+KeyOrder = Literal["sorted", "original"]
 Backend = Literal["auto", "triton", "flash"]
-GQA_MODES, SCORERS, PERMUTATIONS, BACKENDS = (get_args(t) for t in (GQAMode, Scorer, Permutation, Backend))
+GQA_MODES, IMPORTANCE_KERNELS, KEY_ORDERS, BACKENDS = (
+    get_args(t) for t in (GQAMode, ImportanceKernel, KeyOrder, Backend)
+)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -46,11 +48,11 @@ class PBSConfig:
             cuDNN on that GPU with the backend that runs (:mod:`flexpbs.dispatch`; 32768 on GPUs
             not measured and in float32); on the CPU, 0. ``0`` or ``None``: PBS for every input
             longer than ``segment_size``.
-        permutation: ``"segment"`` sorts keys by importance inside each segment (PBS-Attn);
-            ``"none"`` keeps the original order (one identity permutation per KV head, whatever
+        key_order: ``"sorted"`` sorts keys by importance inside each segment (PBS-Attn);
+            ``"original"`` keeps the original order (one identity permutation per KV head, whatever
             ``gqa``): the same selector without permutation, for comparisons. It differs from the
             paper's MeanPooling baseline, which has no segments and forces only the diagonal block.
-        scorer: importance pass implementation. ``"auto"``: the Triton kernel on CUDA when
+        importance_kernel: implementation of the importance pass. ``"auto"``: the Triton kernel on CUDA when
             Triton is importable, the PyTorch path otherwise; ``"triton"`` or ``"torch"`` force one.
         max_shrink: head guard (beyond the paper; ``None``, the default, is the published
             algorithm: every head permutes). A float in [0, 1): the selection is made on both the
@@ -58,11 +60,11 @@ class PBSConfig:
             order only if its query heads select at least ``(1 - max_shrink)`` times the tiles of
             the original order; other rows run on the original order (see
             :mod:`flexpbs.head_guard`). Costs a second selection and a second K/V gather. Only with
-            ``permutation="segment"``.
+            ``key_order="sorted"``.
         exact_last_block: (beyond the paper; ``False``, the default, is the published
             algorithm) the last query block also keeps the smallest set of earlier-segment key
             blocks, in descending EXACT attention mass of the last ``block_size`` queries (known
-            from the importance pass, which then also runs for ``permutation="none"``), whose
+            from the importance pass, which then also runs for ``key_order="original"``), whose
             share reaches ``threshold`` (see :mod:`flexpbs.last_block`). Adds tiles, never removes any.
         backend: FlexAttention kernel of the attention stage. ``"auto"`` (default): ``"flash"``
             where flash-attn-4 is installed and the call is one it was verified on (Hopper, i.e.
@@ -79,8 +81,8 @@ class PBSConfig:
     gqa: GQAMode = "shared"
     scale: float | None = None
     min_seq_len: int | Literal["auto"] | None = "auto"
-    scorer: Scorer = "auto"
-    permutation: Permutation = "segment"
+    importance_kernel: ImportanceKernel = "auto"
+    key_order: KeyOrder = "sorted"
     max_shrink: float | None = None
     exact_last_block: bool = False
     backend: Backend = "auto"
@@ -107,18 +109,20 @@ class PBSConfig:
                 raise ValueError(f"scale must be finite, got {self.scale}")
         if self.min_seq_len is not None and self.min_seq_len != "auto":
             _check_int("min_seq_len", self.min_seq_len, minimum=0)
-        if self.permutation not in PERMUTATIONS:
-            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.key_order not in KEY_ORDERS:
+            raise ValueError(f"key_order must be one of {KEY_ORDERS}, got {self.key_order!r}")
+        if self.importance_kernel not in IMPORTANCE_KERNELS:
+            raise ValueError(
+                f"importance_kernel must be one of {IMPORTANCE_KERNELS}, got {self.importance_kernel!r}"
+            )
         if self.max_shrink is not None:
             if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)):
                 raise TypeError(f"max_shrink must be a float or None, got {type(self.max_shrink).__name__}")
             if not 0.0 <= self.max_shrink < 1.0:  # also rejects NaN
                 raise ValueError(f"max_shrink must be in [0, 1) or None, got {self.max_shrink}")
-            if self.permutation != "segment":
+            if self.key_order != "sorted":
                 raise ValueError(
-                    f"max_shrink needs permutation='segment', got permutation={self.permutation!r}"
+                    f"max_shrink needs key_order='sorted', got key_order={self.key_order!r}"
                 )
         if not isinstance(self.exact_last_block, bool):
             raise TypeError(f"exact_last_block must be a bool, got {type(self.exact_last_block).__name__}")
@@ -167,28 +171,29 @@ class PBSStats:
     """What one :func:`flexpbs.attention` call computed.
 
     Attributes:
-        block_mask: ``[B, Hq, nbq, nb]`` bool, nb = ceil(N / block_size) key blocks: tile
+        tiles: ``[B, Hq, nbq, nb]`` bool, nb = ceil(N / block_size) key blocks: tile
             (query block, PERMUTED key block) is computed. For prefill nbq = nb; for a chunk of
             Nq queries, query block i holds the queries whose positions lie in key block
             ``(N - Nq) // block_size + i``, so nbq = nb - (N - Nq) // block_size.
-        permutation: ``[B, Hp, N]`` int64, the original position of the key at each
-            permuted slot; Hp = Hkv for ``gqa="shared"`` or ``permutation="none"``, Hq for
+        key_positions: ``[B, Hp, N]`` int64, the original position of the key at each
+            permuted slot; Hp = Hkv for ``gqa="shared"`` or ``key_order="original"``, Hq for
             ``"per_head"``.
         density: ``[B, Hq]`` float32, computed tiles / causal tiles of the rectangle, i.e.
             / (nbq * (nb - nbq) + nbq * (nbq + 1) / 2), which is nb * (nb + 1) / 2 for prefill.
         dense: True when the call ran dense causal attention (short input).
-        scorer: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when none ran).
+        importance_kernel: ``"triton"`` or ``"torch"``: the importance pass that ran (``None`` when
+            none ran).
         sorted_rows: ``[B, Hp]`` bool, which permutation rows use the importance order (all with
-            ``permutation="segment"`` and no ``max_shrink``; none for ``"none"``); ``None`` when
+            ``key_order="sorted"`` and no ``max_shrink``; none for ``"none"``); ``None`` when
             the call ran dense.
         backend: ``"triton"`` or ``"flash"``: the FlexAttention backend of the attention stage
             (``None`` when the call ran dense).
     """
 
-    block_mask: torch.Tensor
-    permutation: torch.Tensor
+    tiles: torch.Tensor
+    key_positions: torch.Tensor
     density: torch.Tensor
     dense: bool
-    scorer: str | None = None
+    importance_kernel: str | None = None
     sorted_rows: torch.Tensor | None = None
     backend: str | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 
-def keep_sorted_order(
+def sorted_rows(
     tiles_sorted: torch.Tensor, tiles_original: torch.Tensor, perm_heads: int, max_shrink: float
 ) -> torch.Tensor:
     """Which permutation rows keep the importance order.
@@ -40,23 +40,23 @@ def keep_sorted_order(
 
 
 def mix_orders(
-    keep: torch.Tensor,
+    sorted_rows: torch.Tensor,
     perm_sorted: torch.Tensor,
     perm_original: torch.Tensor,
     tiles_sorted: torch.Tensor,
     tiles_original: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per permutation row, the importance order and its tiles where ``keep``, else the original.
+    """Per permutation row, the importance order and its tiles where ``sorted_rows``, else the original.
 
     Args:
-        keep: ``[B, Hp]`` bool from :func:`keep_sorted_order`.
+        sorted_rows: ``[B, Hp]`` bool from :func:`sorted_rows`.
         perm_sorted, perm_original: ``[B, Hp, N]`` int64.
         tiles_sorted, tiles_original: ``[B, Hq, nb, nb]`` bool.
 
     Returns:
         ``(perm [B, Hp, N] int64, tiles [B, Hq, nb, nb] bool)``.
     """
-    group = tiles_sorted.shape[1] // keep.shape[1]
-    perm = torch.where(keep[..., None], perm_sorted, perm_original)
-    keep_q = keep.repeat_interleave(group, dim=1)[..., None, None]
-    return perm, torch.where(keep_q, tiles_sorted, tiles_original)
+    group = tiles_sorted.shape[1] // sorted_rows.shape[1]
+    perm = torch.where(sorted_rows[..., None], perm_sorted, perm_original)
+    sorted_heads = sorted_rows.repeat_interleave(group, dim=1)[..., None, None]
+    return perm, torch.where(sorted_heads, tiles_sorted, tiles_original)

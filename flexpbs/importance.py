@@ -15,8 +15,8 @@ import os
 import torch
 from einops import rearrange
 
-# Bytes of float32 probabilities one step may hold; bounds the [rows, keys] buffer.
-_CHUNK_BYTES = 256 * 2**20
+from flexpbs.limits import LIMITS
+
 
 
 def last_block_importance(
@@ -52,8 +52,8 @@ def last_block_importance(
 
     total = torch.zeros(batch, kv_heads, group, n_complete, dtype=torch.float32, device=key.device)
     row_bytes = batch * group * max(n_complete, 1) * 4
-    heads_step = max(1, _CHUNK_BYTES // (row_bytes * rows))
-    rows_step = rows if heads_step > 1 else max(1, min(rows, _CHUNK_BYTES // row_bytes))
+    heads_step = max(1, LIMITS.step_bytes // (row_bytes * rows))
+    rows_step = rows if heads_step > 1 else max(1, min(rows, LIMITS.step_bytes // row_bytes))
     for h0 in range(0, kv_heads, heads_step):
         k_chunk = keys[:, h0 : h0 + heads_step].float()
         for r0 in range(0, rows, rows_step):
@@ -71,23 +71,23 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_scorer(scorer: str, device: torch.device) -> str:
+def resolve_importance_kernel(kernel: str, device: torch.device) -> str:
     """Which importance pass runs: ``"triton"`` or ``"torch"``.
 
     ``"auto"`` takes the Triton kernel for CUDA tensors when Triton is importable. ``"triton"`` on CPU
     tensors needs the Triton interpreter (TRITON_INTERPRET=1, set before Triton is imported).
     """
-    if scorer == "torch":
+    if kernel == "torch":
         return "torch"
     usable = _triton_importable() and (
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
-    if scorer == "triton" and not usable:
+    if kernel == "triton" and not usable:
         raise ValueError(
-            "scorer='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 "
+            "importance_kernel='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 "
             f"for CPU tensors); got tensors on {device}"
         )
-    return "triton" if usable and (scorer == "triton" or device.type == "cuda") else "torch"
+    return "triton" if usable and (kernel == "triton" or device.type == "cuda") else "torch"
 
 
 def key_importance(
@@ -98,10 +98,10 @@ def key_importance(
     segment_size: int,
     scale: float,
     per_query_head: bool,
-    scorer: str,
+    kernel: str,
 ) -> torch.Tensor:
-    """:func:`last_block_importance` through the implementation ``scorer`` names (resolved)."""
-    if scorer == "triton":
+    """:func:`last_block_importance` through the implementation ``kernel`` names (``"triton"`` or ``"torch"``)."""
+    if kernel == "triton":
         from flexpbs.kernels.importance import triton_last_block_importance as score
     else:
         score = last_block_importance

@@ -20,7 +20,7 @@ class PBSAttention(nn.Module):
     Args:
         config: a :class:`PBSConfig`; ``None`` builds one from ``options``.
         **options: :class:`PBSConfig` fields (``block_size``, ``segment_size``, ``threshold``,
-            ``gqa``, ``scale``, ``min_seq_len``, ``scorer``, ``permutation``, ``max_shrink``,
+            ``gqa``, ``scale``, ``min_seq_len``, ``importance_kernel``, ``key_order``, ``max_shrink``,
             ``exact_last_block``, ``backend``); not together with ``config``.
 
     ``forward(query [B, Hq, Nq, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv], valid_keys=None)

@@ -11,13 +11,10 @@ read on the host); sequences without padding run as one batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
 import torch
 
 from flexpbs.config import PBSConfig, PBSStats
-
-Pipeline = Callable[..., torch.Tensor | tuple[torch.Tensor, PBSStats]]  # api._pbs_attention
+from flexpbs.pipeline import pbs_attention
 
 
 def check_valid_keys(valid_keys: torch.Tensor, key: torch.Tensor) -> None:
@@ -59,7 +56,6 @@ def padded_attention(
     value: torch.Tensor,
     valid_keys: torch.Tensor,
     cfg: PBSConfig,
-    run: Pipeline,
     return_stats: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
     """Attention of a padded batch, sequence by sequence on its real tokens.
@@ -67,8 +63,7 @@ def padded_attention(
     Args:
         query: ``[B, Hq, Nq, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``; Nq <= N.
         valid_keys: ``[B, N]`` bool or 0/1 integer, True where the key is a real token.
-        cfg: the options.
-        run: the unpadded pipeline, ``run(query, key, value, cfg, return_stats)``.
+        cfg: the options (resolved: :func:`flexpbs.dispatch.resolve`).
         return_stats: also return one :class:`PBSStats` per sequence.
 
     Returns:
@@ -81,7 +76,7 @@ def padded_attention(
     n = key.shape[2]
     complete = valid.all(dim=-1).tolist()  # the host sync of this path
     if all(complete):
-        result = run(query, key, value, cfg, return_stats)
+        result = pbs_attention(query, key, value, cfg, return_stats)
         if not return_stats:
             return result
         out, stats = result
@@ -93,7 +88,7 @@ def padded_attention(
     if whole:
         rows = torch.tensor(whole, device=query.device)
         query_w, key_w, value_w = (x.index_select(0, rows) for x in (query, key, value))
-        result = run(query_w, key_w, value_w, cfg, return_stats)
+        result = pbs_attention(query_w, key_w, value_w, cfg, return_stats)
         out_whole, stats = result if return_stats else (result, None)
         out.index_copy_(0, rows, out_whole)
         for i, b in enumerate(whole):
@@ -103,7 +98,7 @@ def padded_attention(
             continue
         real_keys = valid[b].nonzero().squeeze(-1)
         real_queries = valid[b, n - n_queries :].nonzero().squeeze(-1)
-        result = run(
+        result = pbs_attention(
             query[b : b + 1].index_select(2, real_queries),
             key[b : b + 1].index_select(2, real_keys),
             value[b : b + 1].index_select(2, real_keys),
@@ -122,8 +117,8 @@ def _sequence_stats(stats: PBSStats, b: int) -> PBSStats:
     one = slice(b, b + 1)
     return dataclasses.replace(
         stats,
-        block_mask=stats.block_mask[one],
-        permutation=stats.permutation[one],
+        tiles=stats.tiles[one],
+        key_positions=stats.key_positions[one],
         density=stats.density[one],
         sorted_rows=None if stats.sorted_rows is None else stats.sorted_rows[one],
     )

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flexpbs.tile_grid import density
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -35,7 +37,7 @@ def _label_line_chart(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> 
     return ax
 
 
-def block_mask(
+def tiles(
     tiles: torch.Tensor,
     *,
     mass: torch.Tensor | None = None,
@@ -45,7 +47,7 @@ def block_mask(
     """One head's block mask: computed tiles, optionally over the attention mass of every tile.
 
     Args:
-        tiles: ``[nb, nb]`` bool (query block, key block), e.g. ``stats.block_mask[b, h]``.
+        tiles: ``[nb, nb]`` bool (query block, key block), e.g. ``stats.tiles[b, h]``.
         mass: optional ``[nb, nb]`` float, e.g. the (log) attention mass of each tile: drawn as a
             heat map, with the tiles that are not computed veiled in white.
         title: the Axes title; the density of computed causal tiles is appended.
@@ -55,14 +57,14 @@ def block_mask(
     nb = tiles.shape[-1]
     if mass is not None:
         ax.imshow(mass.detach().cpu().float().numpy(), cmap="magma", interpolation="nearest")
-        veil = torch.zeros(nb, nb, 4)
+        veil = torch.zeros(*tiles.shape, 4)
         veil[..., :3] = 1.0
         veil[..., 3] = (~tiles).float() * 0.75  # tiles that are not computed fade to white
         ax.imshow(veil.numpy(), interpolation="nearest")
     else:
         ax.imshow(tiles.float().numpy(), cmap="Blues", vmin=0, vmax=1.2, interpolation="nearest")
-    density = tiles.sum().item() / (nb * (nb + 1) / 2) if nb else 1.0
-    ax.set_title(f"{title + ': ' if title else ''}density {density:.2f}", fontsize=9)
+    share = density(tiles).item() if nb else 1.0
+    ax.set_title(f"{title + ': ' if title else ''}density {share:.2f}", fontsize=9)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
     return ax

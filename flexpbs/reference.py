@@ -93,7 +93,7 @@ def importance(query: torch.Tensor, key: torch.Tensor, config: PBSConfig) -> tor
     return per_q_head.view(batch, kv_heads, group, n_complete).mean(dim=2)
 
 
-def permutation(scores: torch.Tensor, n: int, segment_size: int) -> torch.Tensor:
+def segment_sort(scores: torch.Tensor, n: int, segment_size: int) -> torch.Tensor:
     """``[B, Hp, N]`` int64: stable descending sort of ``scores`` inside each complete segment."""
     batch, heads, n_complete = scores.shape
     perm = torch.arange(n).repeat(batch, heads, 1)
@@ -188,14 +188,14 @@ def guard(
     """``[B, Hp]`` bool: row keeps the importance order (tile counts of its query heads, one row at a time)."""
     batch, q_heads = tiles_sorted.shape[:2]
     group = q_heads // perm_heads
-    keep = torch.zeros(batch, perm_heads, dtype=torch.bool)
+    sorted_rows = torch.zeros(batch, perm_heads, dtype=torch.bool)
     for b in range(batch):
         for row in range(perm_heads):
             heads = range(row * group, (row + 1) * group)
             n_sorted = sum(int(tiles_sorted[b, h].sum()) for h in heads)
             n_original = sum(int(tiles_original[b, h].sum()) for h in heads)
-            keep[b, row] = n_sorted >= (1.0 - max_shrink) * n_original
-    return keep
+            sorted_rows[b, row] = n_sorted >= (1.0 - max_shrink) * n_original
+    return sorted_rows
 
 
 def pbs_attention(
@@ -206,7 +206,7 @@ def pbs_attention(
     Args:
         query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill);
         key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
-        config: options (defaults if None); ``min_seq_len`` and ``scorer`` are ignored.
+        config: options (defaults if None); ``min_seq_len``, ``importance_kernel`` and ``backend`` are ignored.
 
     Returns:
         ``(out [B, Hq, Nq, Dv] float32 CPU, tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64)``.
@@ -224,22 +224,22 @@ def pbs_attention(
         causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()[first_block:]
         tiles = causal.repeat(batch, q_heads, 1, 1)
         perm = torch.arange(n).repeat(batch, perm_heads, 1)
-    elif config.permutation == "none":
+    elif config.key_order == "original":
         perm = torch.arange(n).repeat(batch, key.shape[1], 1)
         tiles = selection(query, key, perm, config)
         scores = importance(query, key, replace(config, gqa="shared"))  # one row per KV head
     else:
         scores = importance(query, key, config)
-        perm = permutation(scores, n, config.segment_size)
+        perm = segment_sort(scores, n, config.segment_size)
         tiles = selection(query, key, perm, config)
         if config.max_shrink is not None:
             original = torch.arange(n).repeat(batch, perm_heads, 1)
             tiles_original = selection(query, key, original, config)
-            keep = guard(tiles, tiles_original, perm_heads, config.max_shrink)
+            sorted_rows = guard(tiles, tiles_original, perm_heads, config.max_shrink)
             group = q_heads // perm_heads
             for b in range(batch):
                 for row in range(perm_heads):
-                    if not keep[b, row]:
+                    if not sorted_rows[b, row]:
                         perm[b, row] = original[b, row]
                         heads = slice(row * group, (row + 1) * group)
                         tiles[b, heads] = tiles_original[b, heads]

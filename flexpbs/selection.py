@@ -17,10 +17,8 @@ import torch
 from einops import rearrange
 
 from flexpbs.permutation import block_first_positions
-from flexpbs.tile_grid import TileGrid, tile_grid
-
-# Bytes one step of the selection may hold (scores, sort keys and indices of a head chunk).
-_CHUNK_BYTES = 256 * 2**20
+from flexpbs.limits import LIMITS
+from flexpbs.tile_grid import TileGrid, row_bands, tile_grid
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor:
@@ -203,36 +201,6 @@ def _force_into(tiles: torch.Tensor, perm: torch.Tensor, block_size: int, grid: 
     by_perm_row.scatter_(-1, sink[:, :, None, None, None].expand(*by_perm_row.shape[:-1], 1), True)
 
 
-# Row bands per selection or block-list pass: each band is a few more kernel launches.
-_MAX_BANDS = 8
-
-
-def row_bands(first_row: int, end_row: int) -> list[tuple[int, int]]:
-    """Rows ``first_row..end_row`` split into up to ``_MAX_BANDS`` bands of at least 128 rows.
-
-    Causal rows grow with their index, so a band's work can stop at the columns its last row
-    needs: about 56% of the work of whole rows with 8 bands, for a few more kernel launches.
-    """
-    if end_row <= first_row:
-        return []
-    step = -(-(end_row - first_row) // max(1, min(_MAX_BANDS, (end_row - first_row) // 128)))
-    return [(r0, min(r0 + step, end_row)) for r0 in range(first_row, end_row, step)]
-
-
-def _row_bands(
-    n_blocks: int, blocks_per_segment: int, first_query_block: int = 0
-) -> list[tuple[int, int, int]]:
-    """(first row, end row, candidate columns) of the :func:`row_bands` of the ``n_blocks`` query
-    blocks that have candidates (rows of the first segment have none and get no band): rows of a
-    band only have candidates before the segment of its last row (query block r lies in key block
-    ``first_query_block + r``)."""
-    first_row = max(0, blocks_per_segment - first_query_block)
-    return [
-        (r0, r1, (first_query_block + r1 - 1) // blocks_per_segment * blocks_per_segment)
-        for r0, r1 in row_bands(first_row, n_blocks)
-    ]
-
-
 def select_tiles(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -274,10 +242,11 @@ def select_tiles(
         row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
         # once: bands slice them
         bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates, grid.columns)
-        for r0, r1, columns in _row_bands(q_blocks, segment_size // block_size, first_query_block):
+        for r0, r1, columns in row_bands(q_blocks, n_blocks, first_query_block, segment_size // block_size,
+                                         own_segment=False):
             rows = slice(r0 * group, r1 * group)
             per_head = batch * (r1 - r0) * group * columns * 20  # probs, sorted values, their sums, int64 order
-            step = max(1, _CHUNK_BYTES // per_head)
+            step = max(1, LIMITS.step_bytes // per_head)
             for h0 in range(0, perm_heads, step):
                 heads = slice(h0, h0 + step)
                 # every row of a band has a candidate: the first band starts in the second segment

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from flexpbs.limits import LIMITS
+
 
 class TileGrid(NamedTuple):
     """Read-only; shapes for ``nbq`` query blocks and ``nb`` key blocks."""
@@ -65,3 +67,44 @@ def _build(
 
 # A handful of recent shapes; each entry holds a few vectors of at most nb x (blocks per segment) int64.
 _cached = functools.lru_cache(maxsize=32)(_build)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints."""
+    return -(-a // b)
+
+
+def row_bands(
+    q_blocks: int, n_blocks: int, first_query_block: int, blocks_per_segment: int, *, own_segment: bool
+) -> list[tuple[int, int, int]]:
+    """Query blocks split into up to ``LIMITS.max_bands`` bands of at least 128 rows, with the
+    columns each band needs: causal rows grow with their index, so a band's work can stop at the
+    columns of its last row (about 56% of the work of whole rows with 8 bands, for a few more launches).
+
+    Query block r lies in key block ``first_query_block + r``. ``own_segment=False``: the candidate
+    columns (blocks of earlier segments), and only rows that have any; ``True``: every row, through the
+    end of its own segment.
+
+    Returns:
+        ``(first row, end row, end column)`` per band.
+    """
+    first_row = 0 if own_segment else max(0, blocks_per_segment - first_query_block)
+    rows = q_blocks - first_row
+    if rows <= 0:
+        return []
+    step = cdiv(rows, max(1, min(LIMITS.max_bands, rows // 128)))
+    bands = []
+    for r0 in range(first_row, q_blocks, step):
+        r1 = min(r0 + step, q_blocks)
+        last_segment = (first_query_block + r1 - 1) // blocks_per_segment
+        end = (last_segment + 1 if own_segment else last_segment) * blocks_per_segment
+        bands.append((r0, r1, min(end, n_blocks)))
+    return bands
+
+
+def density(tiles: torch.Tensor) -> torch.Tensor:
+    """``[..., nbq, nb]`` bool tiles -> ``[...]`` float32: computed tiles over the causal tiles of the
+    rectangle; query block i (aligned to key block nb - nbq + i) has nb - nbq + i + 1 causal key blocks."""
+    q_blocks, n_blocks = tiles.shape[-2:]
+    causal = q_blocks * (n_blocks - q_blocks) + q_blocks * (q_blocks + 1) / 2
+    return tiles.sum(dim=(-2, -1), dtype=torch.float32) / causal

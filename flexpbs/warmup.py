@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from flexpbs.api import _pbs_attention
+from flexpbs.pipeline import pbs_attention
 from flexpbs.config import PBSConfig
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
 
@@ -83,7 +83,7 @@ def warmup(
         q = torch.randn(batch, group * heads, n_queries, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, heads, n_keys, head_dim, generator=gen).to(device, dtype)
         v = torch.randn(batch, heads, n_keys, value_dim or head_dim, generator=gen).to(device, dtype)
-        _pbs_attention(q, k, v, cfg, return_stats=False)
+        pbs_attention(q, k, v, cfg, return_stats=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
-from flexpbs import PBSConfig, api, reference
+from flexpbs import PBSConfig, reference
+from flexpbs.pipeline import kv_heads_per_chunk
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
 from tests.helpers import Case, cases, make_qkv, sdpa_causal
@@ -17,8 +18,8 @@ FP32_ATOL = 3e-5
 
 def assert_sparse(stats):
     """Fewer tiles than causal attention (density alone can exceed 1: own segments are squares)."""
-    causal_tiles = torch.ones_like(stats.block_mask).tril()
-    assert (stats.block_mask.sum((-1, -2)) < causal_tiles.sum((-1, -2))).all()
+    causal_tiles = torch.ones_like(stats.tiles).tril()
+    assert (stats.tiles.sum((-1, -2)) < causal_tiles.sum((-1, -2))).all()
 
 
 @settings(max_examples=22)
@@ -32,7 +33,7 @@ def test_threshold_one_equals_dense_causal_attention(case, gqa):
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
     nb = -(-case.seq_len // case.block_size)
-    assert stats.block_mask.shape == (case.batch, case.q_heads, nb, nb)
+    assert stats.tiles.shape == (case.batch, case.q_heads, nb, nb)
     assert stats.dense == (case.seq_len <= case.segment_size)
 
 
@@ -59,19 +60,19 @@ def test_any_threshold_equals_the_reference(case, threshold, gqa):
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     if case.seq_len > case.segment_size:
         imp = reference.importance(q, k, cfg)
-        ref_perm = reference.permutation(imp, case.seq_len, case.segment_size)
-        assert_same_permutation_up_to_ties(stats.permutation, ref_perm, imp)
-        assert torch.equal(stats.block_mask, reference.selection(q, k, stats.permutation, cfg))
+        ref_perm = reference.segment_sort(imp, case.seq_len, case.segment_size)
+        assert_same_permutation_up_to_ties(stats.key_positions, ref_perm, imp)
+        assert torch.equal(stats.tiles, reference.selection(q, k, stats.key_positions, cfg))
     else:
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
-        assert torch.equal(stats.permutation, ref_perm)
-        assert torch.equal(stats.block_mask, ref_tiles)
+        assert torch.equal(stats.key_positions, ref_perm)
+        assert torch.equal(stats.tiles, ref_tiles)
     # the output is the oracle's on the very selection flexpbs reports
-    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size)
     want = reference.masked_attention(q, k, v, mask, case.head_dim**-0.5)
     torch.testing.assert_close(out, want, rtol=0, atol=FP32_ATOL)
-    nb = stats.block_mask.shape[-1]
-    want_density = stats.block_mask.sum((-1, -2)).float() / (nb * (nb + 1) / 2)
+    nb = stats.tiles.shape[-1]
+    want_density = stats.tiles.sum((-1, -2)).float() / (nb * (nb + 1) / 2)
     torch.testing.assert_close(stats.density, want_density)
 
 
@@ -91,8 +92,8 @@ def test_eager_and_compiled_flex_agree(case, threshold, gqa):
         threshold=threshold, gqa=gqa, return_stats=True,
     )
     assert_sparse(stats)
-    k_p, v_p = permute_kv(k, v, stats.permutation)
-    bm = build_block_mask(stats.block_mask, stats.permutation, case.block_size, case.segment_size)
+    k_p, v_p = permute_kv(k, v, stats.key_positions)
+    bm = build_block_mask(stats.tiles, stats.key_positions, case.block_size, case.segment_size)
     eager = flex_attention(q, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
     torch.testing.assert_close(out, eager, rtol=0, atol=FP32_ATOL)
 
@@ -108,7 +109,7 @@ def test_half_precision_within_stated_tolerance(dtype, atol, threshold):
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     assert out.dtype == dtype
     # the oracle on the same (rounded) inputs and the same selection, in float32
-    mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
     want = reference.masked_attention(q, k, v, mask, case.head_dim**-0.5)
     torch.testing.assert_close(out.float(), want, rtol=0, atol=atol)
     if threshold == 1.0:
@@ -144,14 +145,14 @@ def test_value_dim_scale_and_strided_inputs():
     out, stats = flexpbs.attention(q_t, k, v, config=cfg, return_stats=True)
     assert out.shape == (2, 4, 640, 48)
     ref_out, ref_tiles, _ = reference.pbs_attention(q, k, v, cfg)
-    assert torch.equal(stats.block_mask, ref_tiles)
+    assert torch.equal(stats.tiles, ref_tiles)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=FP32_ATOL)
 
 
 def test_empty_sequence():
     q = torch.randn(1, 2, 0, 16)
     out, stats = flexpbs.attention(q, q, q, return_stats=True)
-    assert out.shape == (1, 2, 0, 16) and stats.block_mask.shape == (1, 2, 0, 0)
+    assert out.shape == (1, 2, 0, 16) and stats.tiles.shape == (1, 2, 0, 0)
 
 
 @settings(max_examples=12)
@@ -159,13 +160,13 @@ def test_empty_sequence():
 def test_without_permutation_is_the_same_selector_on_the_original_order(case, threshold):
     q, k, v = make_qkv(case)
     cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size,
-                    threshold=threshold, permutation="none")
+                    threshold=threshold, key_order="original")
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     identity = torch.arange(case.seq_len).expand(case.batch, case.kv_heads, -1)
-    assert torch.equal(stats.permutation, identity) and stats.scorer is None
+    assert torch.equal(stats.key_positions, identity) and stats.importance_kernel is None
     if not stats.dense:
-        assert torch.equal(stats.block_mask, reference.selection(q, k, identity, cfg))
-    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size)
+        assert torch.equal(stats.tiles, reference.selection(q, k, identity, cfg))
+    mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size)
     torch.testing.assert_close(out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5),
                                rtol=0, atol=FP32_ATOL)
     if threshold == 1.0:
@@ -178,13 +179,12 @@ def test_head_chunks_bounding_memory_give_the_same_result(gqa):
     q, k, v = make_qkv(case)
     cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, gqa=gqa)
     whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(api, "_MIN_CHUNK_BYTES", 0)  # budget = 25% of q/k/v: forces chunks of KV heads
-        assert api._kv_heads_per_chunk(q, k, v, 64, gqa == "per_head") < case.kv_heads
+    with flexpbs.limits.override(min_chunk_bytes=0):  # budget = 25% of q/k/v: forces chunks of KV heads
+        assert kv_heads_per_chunk(q, k, v, 64, gqa == "per_head") < case.kv_heads
         chunked, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
         assert torch.equal(chunked, flexpbs.attention(q, k, v, config=cfg))
-    assert torch.equal(stats.block_mask, whole_stats.block_mask)
-    assert torch.equal(stats.permutation, whole_stats.permutation)
+    assert torch.equal(stats.tiles, whole_stats.tiles)
+    assert torch.equal(stats.key_positions, whole_stats.key_positions)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
@@ -192,9 +192,8 @@ def test_tile_tables_stay_within_int32_indexing():
     case = Case(batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4)
     q, k, v = make_qkv(case)
     tiles_per_kv_head = 2 * 11 * 11
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(api, "_MAX_TABLE_TILES", 2 * tiles_per_kv_head + 1)  # two KV heads fit, four do not
-        assert api._kv_heads_per_chunk(q, k, v, 64, False) == 2
-        m.setattr(api, "_MAX_TABLE_TILES", tiles_per_kv_head)
+    with flexpbs.limits.override(max_table_tiles=2 * tiles_per_kv_head + 1):  # two KV heads fit, four do not
+        assert kv_heads_per_chunk(q, k, v, 64, False) == 2
+    with flexpbs.limits.override(max_table_tiles=tiles_per_kv_head):
         with pytest.raises(ValueError, match="int32"):
             flexpbs.attention(q, k, v, block_size=64, segment_size=128)

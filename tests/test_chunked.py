@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
-from flexpbs import PBSConfig, api, reference
+from flexpbs import PBSConfig, reference
+from flexpbs.pipeline import kv_heads_per_chunk
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
 from tests.helpers import Case, chunk_cases, make_qkv, sdpa_causal
@@ -48,7 +49,7 @@ def test_chunk_equals_dense_at_one_and_the_reference_at_any_threshold(chunk, thr
     torch.testing.assert_close(dense_out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
     nb = -(-case.seq_len // case.block_size)
     nbq = nb - (case.seq_len - n_queries) // case.block_size
-    assert dense_stats.block_mask.shape == (case.batch, case.q_heads, nbq, nb)
+    assert dense_stats.tiles.shape == (case.batch, case.q_heads, nbq, nb)
     assert dense_stats.dense == (case.seq_len <= case.segment_size)
 
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
@@ -56,18 +57,18 @@ def test_chunk_equals_dense_at_one_and_the_reference_at_any_threshold(chunk, thr
     if case.seq_len > case.segment_size:
         imp = reference.importance(q, k, cfg)
         assert_same_permutation_up_to_ties(
-            stats.permutation, reference.permutation(imp, case.seq_len, case.segment_size), imp
+            stats.key_positions, reference.segment_sort(imp, case.seq_len, case.segment_size), imp
         )
-        assert torch.equal(stats.block_mask, reference.selection(q, k, stats.permutation, cfg))
+        assert torch.equal(stats.tiles, reference.selection(q, k, stats.key_positions, cfg))
     else:
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
-        assert torch.equal(stats.permutation, ref_perm)
-        assert torch.equal(stats.block_mask, ref_tiles)
-    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size, n_queries)
+        assert torch.equal(stats.key_positions, ref_perm)
+        assert torch.equal(stats.tiles, ref_tiles)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size, n_queries)
     want = reference.masked_attention(q, k, v, mask, case.head_dim**-0.5)
     torch.testing.assert_close(out, want, rtol=0, atol=FP32_ATOL)
     # density: computed tiles over the causal tiles of the rectangle
-    want_density = stats.block_mask.sum((-1, -2)).float() / causal_rectangle_tiles(
+    want_density = stats.tiles.sum((-1, -2)).float() / causal_rectangle_tiles(
         n_queries, case.seq_len, case.block_size
     )
     torch.testing.assert_close(stats.density, want_density)
@@ -88,9 +89,9 @@ def test_chunk_starting_on_a_block_boundary_is_the_tail_of_the_full_prefill(case
     full, full_stats = flexpbs.attention(q, k, v, **opts)
     out, stats = flexpbs.attention(q[:, :, start:], k, v, **opts)
     causal = causal_rectangle_tiles(case.seq_len - start, case.seq_len, case.block_size)
-    assert (stats.block_mask.sum((-1, -2)) < causal).all()  # some tiles were skipped
-    assert torch.equal(stats.permutation, full_stats.permutation)
-    assert torch.equal(stats.block_mask, full_stats.block_mask[:, :, start // case.block_size :])
+    assert (stats.tiles.sum((-1, -2)) < causal).all()  # some tiles were skipped
+    assert torch.equal(stats.key_positions, full_stats.key_positions)
+    assert torch.equal(stats.tiles, full_stats.tiles[:, :, start // case.block_size :])
     torch.testing.assert_close(out, full[:, :, start:], rtol=0, atol=1e-6)
 
 
@@ -109,7 +110,7 @@ def test_short_keys_run_dense_bottom_right(n_queries, n):
 def test_empty_chunk():
     q, k, v = make_qkv(Case(1, 2, 2, 600, 16, 64, 128, seed=0))
     out, stats = flexpbs.attention(q[:, :, :0], k, v, block_size=64, segment_size=128, return_stats=True)
-    assert out.shape == (1, 4, 0, 16) and stats.block_mask.shape == (1, 4, 0, 10)
+    assert out.shape == (1, 4, 0, 16) and stats.tiles.shape == (1, 4, 0, 10)
 
 
 @pytest.mark.parametrize(
@@ -127,9 +128,9 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
     )
     offset = case.seq_len - n_queries
     lead = offset % case.block_size
-    k_p, v_p = permute_kv(k, v, stats.permutation)
+    k_p, v_p = permute_kv(k, v, stats.key_positions)
     bm = build_block_mask(
-        stats.block_mask, stats.permutation, case.block_size, case.segment_size, query_start=offset - lead
+        stats.tiles, stats.key_positions, case.block_size, case.segment_size, query_start=offset - lead
     )
     q_aligned = F.pad(q, (0, 0, lead, 0))  # dummy rows align query blocks with key blocks
     eager = flex_attention(q_aligned, k_p, v_p, block_mask=bm, enable_gqa=k_p.shape[1] != q.shape[1])
@@ -142,11 +143,10 @@ def test_head_chunks_of_a_chunk_give_the_same_result():
     q, k, v = chunk_of(case, 400)
     cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8)
     whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(api, "_MIN_CHUNK_BYTES", 0)  # budget = 25% of q/k/v: forces chunks of KV heads
-        assert api._kv_heads_per_chunk(q, k, v, 64, False) < case.kv_heads
+    with flexpbs.limits.override(min_chunk_bytes=0):  # budget = 25% of q/k/v: forces chunks of KV heads
+        assert kv_heads_per_chunk(q, k, v, 64, False) < case.kv_heads
         chunked, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
-    assert stats.block_mask.shape == (2, 8, 7, 11)
-    assert torch.equal(stats.block_mask, whole_stats.block_mask)
-    assert torch.equal(stats.permutation, whole_stats.permutation)
+    assert stats.tiles.shape == (2, 8, 7, 11)
+    assert torch.equal(stats.tiles, whole_stats.tiles)
+    assert torch.equal(stats.key_positions, whole_stats.key_positions)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)

@@ -25,13 +25,13 @@ from flexpbs import PBSConfig
         (dict(scale=math.inf), ValueError, "scale"),
         (dict(scale="1"), TypeError, "scale"),
         (dict(min_seq_len=-1), ValueError, "min_seq_len"),
-        (dict(permutation="random"), ValueError, "permutation"),
+        (dict(key_order="random"), ValueError, "key_order"),
         (dict(max_shrink=1.0), ValueError, "max_shrink"),
         (dict(max_shrink=-0.1), ValueError, "max_shrink"),
         (dict(max_shrink=math.nan), ValueError, "max_shrink"),
         (dict(max_shrink="0.1"), TypeError, "max_shrink"),
         (dict(max_shrink=True), TypeError, "max_shrink"),
-        (dict(max_shrink=0.1, permutation="none"), ValueError, "max_shrink"),
+        (dict(max_shrink=0.1, key_order="original"), ValueError, "max_shrink"),
         (dict(exact_last_block=1), TypeError, "exact_last_block"),
         (dict(backend="cudnn"), ValueError, "backend"),
     ],
@@ -68,21 +68,21 @@ def test_config_object_is_used():
         q, k, v, block_size=64, segment_size=128, threshold=0.5, return_stats=True
     )
     torch.testing.assert_close(out_cfg, out_kw, rtol=0, atol=0)
-    assert torch.equal(stats_cfg.block_mask, stats_kw.block_mask)
-    assert stats_cfg.block_mask.shape[-1] == 5  # ceil(300 / 64)
+    assert torch.equal(stats_cfg.tiles, stats_kw.tiles)
+    assert stats_cfg.tiles.shape[-1] == 5  # ceil(300 / 64)
 
 
-def test_scorer_option(monkeypatch):
-    with pytest.raises(ValueError, match="scorer"):
-        PBSConfig(scorer="cuda")
+def test_importance_kernel_option(monkeypatch):
+    with pytest.raises(ValueError, match="importance_kernel"):
+        PBSConfig(importance_kernel="cuda")
     q = torch.randn(1, 2, 300, 16)
     _, stats = flexpbs.attention(q, q, q, segment_size=128, return_stats=True)
-    assert stats.scorer == "torch"  # auto on CPU tensors
+    assert stats.importance_kernel == "torch"  # auto on CPU tensors
     _, stats = flexpbs.attention(q, q, q, segment_size=512, return_stats=True)  # N <= segment: dense
-    assert stats.dense and stats.scorer is None
+    assert stats.dense and stats.importance_kernel is None
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="scorer"):
-        flexpbs.attention(q, q, q, scorer="triton")
+    with pytest.raises(ValueError, match="importance_kernel"):
+        flexpbs.attention(q, q, q, importance_kernel="triton")
 
 
 @pytest.mark.parametrize(

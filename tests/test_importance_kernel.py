@@ -173,21 +173,21 @@ def test_rejects_bad_inputs(q_shape, k_shape, dtypes, error):
     gqa=st.sampled_from(["shared", "per_head"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_pipeline_with_triton_scorer_equals_torch_scorer(seq_len, group, gqa, seed):
+def test_pipeline_with_the_triton_kernel_equals_the_torch_path(seq_len, group, gqa, seed):
     case = Case(batch=1, kv_heads=2, group=group, seq_len=seq_len, head_dim=16, block_size=32,
                 segment_size=64, seed=seed, sharpness=3.0)
     q, k = _inputs(case, torch.float32)
     v = torch.randn_like(k)
     opts = dict(block_size=32, segment_size=64, threshold=0.7, gqa=gqa, return_stats=True)
-    out_t, st_t = flexpbs.attention(q, k, v, scorer="triton", **opts)
-    out_r, st_r = flexpbs.attention(q, k, v, scorer="torch", **opts)
-    assert (st_t.scorer, st_r.scorer) == ("triton", "torch")
+    out_t, st_t = flexpbs.attention(q, k, v, importance_kernel="triton", **opts)
+    out_r, st_r = flexpbs.attention(q, k, v, importance_kernel="torch", **opts)
+    assert (st_t.importance_kernel, st_r.importance_kernel) == ("triton", "torch")
     n_complete = seq_len // 64 * 64
     imp = last_block_importance(q, k, block_size=32, segment_size=64, scale=0.25, per_query_head=gqa == "per_head")
     # identical permutations, except where importances tie to float32 rounding
-    got = imp.gather(-1, st_t.permutation[..., :n_complete])
-    want = imp.gather(-1, st_r.permutation[..., :n_complete])
+    got = imp.gather(-1, st_t.key_positions[..., :n_complete])
+    want = imp.gather(-1, st_r.key_positions[..., :n_complete])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
-    if torch.equal(st_t.permutation, st_r.permutation):
-        assert torch.equal(st_t.block_mask, st_r.block_mask)
+    if torch.equal(st_t.key_positions, st_r.key_positions):
+        assert torch.equal(st_t.tiles, st_r.tiles)
         torch.testing.assert_close(out_t, out_r, rtol=0, atol=1e-6)

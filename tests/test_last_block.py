@@ -49,7 +49,7 @@ def test_last_block_tiles_match_reference(batch, heads, block, blocks_per_segmen
     case=cases(max_len=700, sharp=True),
     threshold=st.sampled_from([0.5, 0.9, 1.0]),
     gqa=st.sampled_from(["shared", "per_head"]),
-    mode=st.sampled_from([dict(), dict(permutation="none"), dict(max_shrink=0.1)]),
+    mode=st.sampled_from([dict(), dict(key_order="original"), dict(max_shrink=0.1)]),
 )
 def test_exact_last_block_equals_the_reference_and_only_adds_last_row_tiles(case, threshold, gqa, mode):
     q, k, v = make_qkv(case)
@@ -57,19 +57,19 @@ def test_exact_last_block_equals_the_reference_and_only_adds_last_row_tiles(case
                    **mode)
     out, stats = flexpbs.attention(q, k, v, **options, exact_last_block=True, return_stats=True)
     _, without = flexpbs.attention(q, k, v, **options, return_stats=True)
-    assert torch.equal(stats.permutation, without.permutation)
-    assert torch.equal(stats.block_mask[..., :-1, :], without.block_mask[..., :-1, :])
-    assert (stats.block_mask[..., -1, :] >= without.block_mask[..., -1, :]).all()
+    assert torch.equal(stats.key_positions, without.key_positions)
+    assert torch.equal(stats.tiles[..., :-1, :], without.tiles[..., :-1, :])
+    assert (stats.tiles[..., -1, :] >= without.tiles[..., -1, :]).all()
     if not stats.dense:
         # the reference rows on the permutation flexpbs chose (equal to the oracle's up to float32 ties)
         cfg = PBSConfig(**options, exact_last_block=True)
-        scores_cfg = cfg if mode.get("permutation") != "none" else PBSConfig(**{**options, "gqa": "shared"})
-        rows = reference.last_block(reference.importance(q, k, scores_cfg), stats.permutation, cfg)
-        group = case.q_heads // stats.permutation.shape[1]
-        want = without.block_mask.clone()
+        scores_cfg = cfg if mode.get("key_order") != "original" else PBSConfig(**{**options, "gqa": "shared"})
+        rows = reference.last_block(reference.importance(q, k, scores_cfg), stats.key_positions, cfg)
+        group = case.q_heads // stats.key_positions.shape[1]
+        want = without.tiles.clone()
         want[..., -1, :] |= rows.repeat_interleave(group, dim=1)
-        assert torch.equal(stats.block_mask, want)
-    mask = reference.token_mask(stats.block_mask, stats.permutation, case.block_size)
+        assert torch.equal(stats.tiles, want)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size)
     torch.testing.assert_close(out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5),
                                rtol=0, atol=FP32_ATOL)
     if threshold == 1.0:
@@ -81,11 +81,11 @@ def test_reference_pipeline_with_every_option():
     from tests.test_head_guard import hot_key_qkv
 
     q, k, v = hot_key_qkv()
-    for mode in (dict(max_shrink=0.0), dict(permutation="none"), dict()):
+    for mode in (dict(max_shrink=0.0), dict(key_order="original"), dict()):
         cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, exact_last_block=True, **mode)
         out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
-        assert torch.equal(stats.block_mask, ref_tiles) and torch.equal(stats.permutation, ref_perm)
+        assert torch.equal(stats.tiles, ref_tiles) and torch.equal(stats.key_positions, ref_perm)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=FP32_ATOL)
 
 
@@ -96,9 +96,9 @@ def test_options_on_a_chunk_equal_the_reference():
     q, k, v = hot_key_qkv()
     q = q[:, :, -300:]
     for mode in (dict(max_shrink=0.0), dict(max_shrink=0.0, exact_last_block=True),
-                 dict(permutation="none", exact_last_block=True)):
+                 dict(key_order="original", exact_last_block=True)):
         cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, **mode)
         out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)
-        assert torch.equal(stats.block_mask, ref_tiles) and torch.equal(stats.permutation, ref_perm)
+        assert torch.equal(stats.tiles, ref_tiles) and torch.equal(stats.key_positions, ref_perm)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=FP32_ATOL)

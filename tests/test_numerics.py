@@ -41,9 +41,9 @@ def assert_matches_oracle(q, k, v, out, stats, cfg):
     """Finite output, the oracle's selection and permutation, and the oracle's output within tolerance."""
     assert out.dtype == q.dtype and out.isfinite().all()
     imp = reference.importance(q, k, cfg)
-    assert_same_permutation_up_to_ties(stats.permutation, reference.permutation(imp, q.shape[2], cfg.segment_size), imp)
-    assert torch.equal(stats.block_mask, reference.selection(q, k, stats.permutation, cfg))
-    mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
+    assert_same_permutation_up_to_ties(stats.key_positions, reference.segment_sort(imp, q.shape[2], cfg.segment_size), imp)
+    assert torch.equal(stats.tiles, reference.selection(q, k, stats.key_positions, cfg))
+    mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
     want = reference.masked_attention(q, k, v, mask, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out.float(), want, rtol=0, atol=stated_tolerance(q, k, v))
 
@@ -106,9 +106,9 @@ def test_attention_sink_with_near_one_hot_rows(dtype, sink_logit):
     q, k, v = (x.to(dtype) for x in (q, k, v))
     cfg = PBSConfig(threshold=0.9)
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
-    sink_block = (stats.permutation == 0).int().argmax(-1) // cfg.block_size  # [B, Hkv]
+    sink_block = (stats.key_positions == 0).int().argmax(-1) // cfg.block_size  # [B, Hkv]
     sink_block = sink_block.repeat_interleave(2, dim=1)[..., None, None].expand(1, 4, 8, 1)
-    assert stats.block_mask.gather(-1, sink_block).all()
+    assert stats.tiles.gather(-1, sink_block).all()
     assert_matches_oracle(q, k, v, out, stats, cfg)
     v0 = v[:, :, :1].float().repeat_interleave(2, dim=1)
     torch.testing.assert_close(out.float(), v0.expand_as(out), rtol=0, atol=REL_TOL[dtype] * v.float().abs().max().item())
@@ -126,8 +126,8 @@ def test_needle_far_back_is_selected():
     cfg = PBSConfig(threshold=0.4)
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     assert_matches_oracle(q, k, v, out, stats, cfg)
-    assert (stats.permutation[:, :, 256] == 300).all()  # first slot of segment 1
-    assert stats.block_mask[:, :, 6:, 2].all()
+    assert (stats.key_positions[:, :, 256] == 300).all()  # first slot of segment 1
+    assert stats.tiles[:, :, 6:, 2].all()
     v_needle = v[:, :, 300:301].repeat_interleave(2, dim=1)
     torch.testing.assert_close(out[:, :, 768:], v_needle.expand_as(out[:, :, 768:]), rtol=0, atol=1e-5)
 
@@ -137,7 +137,7 @@ def test_same_inputs_give_identical_bits():
     out1, s1 = flexpbs.attention(q, k, v, threshold=0.8, return_stats=True)
     out2, s2 = flexpbs.attention(q, k, v, threshold=0.8, return_stats=True)
     assert torch.equal(out1, out2)
-    assert torch.equal(s1.block_mask, s2.block_mask) and torch.equal(s1.permutation, s2.permutation)
+    assert torch.equal(s1.tiles, s2.tiles) and torch.equal(s1.key_positions, s2.key_positions)
     assert torch.equal(s1.density, s2.density)
 
 
@@ -171,15 +171,15 @@ def test_non_finite_input_contract(target, bad, position, kv_head, gqa, seed):
     check_stats(stats, n, cfg)
     ok = finite_tile_rows(q2, k2, v2, stats, cfg.block_size)
     assert ok[:, 2 - 2 * kv_head : 4 - 2 * kv_head].all()  # the other KV group is clean
-    mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
     want = reference.masked_attention(q2.nan_to_num(0, 0, 0), k2.nan_to_num(0, 0, 0), v2.nan_to_num(0, 0, 0), mask, 64**-0.5)
     torch.testing.assert_close(out[ok], want[ok], rtol=0, atol=3e-5)
     # the other KV group (query heads 2 - 2 * kv_head .. +1) never sees the bad element
     other = slice(2 - 2 * kv_head, 4 - 2 * kv_head)
     assert torch.equal(out[:, other], clean_out[:, other])
-    assert torch.equal(stats.block_mask[:, other], clean_stats.block_mask[:, other])
+    assert torch.equal(stats.tiles[:, other], clean_stats.tiles[:, other])
     perm_other = other if gqa == "per_head" else slice(1 - kv_head, 2 - kv_head)
-    assert torch.equal(stats.permutation[:, perm_other], clean_stats.permutation[:, perm_other])
+    assert torch.equal(stats.key_positions[:, perm_other], clean_stats.key_positions[:, perm_other])
 
 
 def test_sampled_row_oracle_of_the_gpu_scripts_agrees_with_the_dense_oracle():
@@ -188,11 +188,11 @@ def test_sampled_row_oracle_of_the_gpu_scripts_agrees_with_the_dense_oracle():
     q, k, v = make_qkv(case)
     cfg = PBSConfig(threshold=0.6, gqa="per_head")
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
-    mask = reference.token_mask(stats.block_mask, stats.permutation, cfg.block_size)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
     dense = reference.masked_attention(q, k, v, mask, 64**-0.5)
     rows = sample_rows(1000, cfg.block_size, cfg.segment_size)
     for b, h in [(0, 0), (1, 3)]:
-        want, tol = reference_rows(q, k, v, stats.block_mask, stats.permutation, cfg.block_size, 64**-0.5, b, h, rows)
+        want, tol = reference_rows(q, k, v, stats.tiles, stats.key_positions, cfg.block_size, 64**-0.5, b, h, rows)
         torch.testing.assert_close(want, dense[b, h, rows], rtol=0, atol=1e-5)
         assert (tol > 0).all()
     assert check_rows(q, k, v, out, stats, cfg, [(0, 0), (1, 3)], rows)["bad"] == 0

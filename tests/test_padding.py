@@ -76,8 +76,8 @@ def test_padded_batch_equals_unpadded_calls_per_sequence(data, n_queries, thresh
     assert len(stats) == CASE.batch
     for got, exp in zip(stats, want_stats):
         assert got.dense == exp.dense
-        assert torch.equal(got.block_mask, exp.block_mask)
-        assert torch.equal(got.permutation, exp.permutation)
+        assert torch.equal(got.tiles, exp.tiles)
+        assert torch.equal(got.key_positions, exp.key_positions)
     if threshold == 1.0:  # on real query rows (padded rows see real keys in the dense oracle)
         dense = sdpa_causal(q, k, v, valid_keys=valid)
         real = valid[:, CASE.seq_len - n_queries :, None].expand(-1, -1, CASE.q_heads)
@@ -91,8 +91,8 @@ def test_all_true_mask_takes_the_batched_path():
     valid = torch.ones(CASE.batch, CASE.seq_len, dtype=torch.int64)  # 0/1 integers are accepted
     out, stats = flexpbs.attention(q, k, v, valid_keys=valid, return_stats=True, **options)
     assert torch.equal(out, want)
-    assert [s.block_mask.shape[0] for s in stats] == [1] * CASE.batch
-    assert torch.equal(torch.cat([s.block_mask for s in stats]), want_stats.block_mask)
+    assert [s.tiles.shape[0] for s in stats] == [1] * CASE.batch
+    assert torch.equal(torch.cat([s.tiles for s in stats]), want_stats.tiles)
     assert torch.equal(torch.cat([s.density for s in stats]), want_stats.density)
     assert torch.equal(torch.cat([s.sorted_rows for s in stats]), want_stats.sorted_rows)
 

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flexpbs
 from flexpbs import PBSConfig, reference
 from flexpbs.permutation import block_position_bounds, permute_kv, segment_permutation
 from flexpbs.selection import (
@@ -172,8 +173,7 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
     banded = select_tiles(q, k_p, perm, **options)  # nb >= 257: several bands
     banded_chunk = select_tiles(chunk, k_p, perm, **options)
     nb = banded.shape[-1]
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr("flexpbs.selection._row_bands", lambda n_rows, bps, first=0: [(0, n_rows, first + n_rows)])
+    with flexpbs.limits.override(max_bands=1):  # one band of whole rows
         whole = select_tiles(q, k_p, perm, **options)
         whole_chunk = select_tiles(chunk, k_p, perm, **options)
     assert nb >= 257 and torch.equal(banded, whole)
@@ -198,8 +198,7 @@ def test_head_chunks_select_exactly_what_all_heads_at_once_select(seed, batch, k
     perm = torch.arange(n + offset).expand(batch, kv_heads, -1)
     options = dict(block_size=16, segment_size=32, threshold=threshold, scale=0.5)
     whole = select_tiles(q, k_p, perm, **options)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr("flexpbs.selection._CHUNK_BYTES", 1)
+    with flexpbs.limits.override(step_bytes=1):
         chunked = select_tiles(q, k_p, perm, **options)
     assert torch.equal(whole, chunked)
 

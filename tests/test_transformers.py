@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import flexpbs.nn  # noqa: E402
+import flexpbs.pipeline  # noqa: E402
 from flexpbs import PBSConfig  # noqa: E402
 from flexpbs.integrations import transformers as fx  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_threshold_from_model_config_and_stats(use, pbs, prompt):
     assert pbs.last_stats is not None and not pbs.last_stats.dense
     assert pbs.last_stats.density.shape == (1, 4)  # [B, Hq]
     assert all(0.0 < density < 1.0 for _, density in seen)  # sparser than causal
-    assert pbs.last_stats.permutation.shape == (1, 2, PROMPT_LEN)  # one permutation per KV head
+    assert pbs.last_stats.key_positions.shape == (1, 2, PROMPT_LEN)  # one permutation per KV head
 
 
 def test_padded_batch_runs_pbs(use, pbs, prompt):
@@ -102,7 +103,7 @@ def test_padded_batch_runs_pbs(use, pbs, prompt):
     got = logits(use("flexpbs"), ids, attention_mask=mask)
     assert pbs.calls == {"pbs": 2}
     assert isinstance(pbs.last_stats, list) and len(pbs.last_stats) == 3  # one PBSStats per sequence
-    assert pbs.last_stats[1].permutation.shape == (1, 2, PROMPT_LEN - 37)
+    assert pbs.last_stats[1].key_positions.shape == (1, 2, PROMPT_LEN - 37)
     real = mask.bool()  # padded positions differ (zeros vs SDPA's values), and no real token reads them
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
 
@@ -134,7 +135,7 @@ def test_chunked_prefill_with_a_cache_runs_pbs(use, pbs, prompt):
     want = chunked_prefill(use("sdpa"), prompt, chunks)
     got = chunked_prefill(use("flexpbs"), prompt, chunks)
     assert pbs.calls == {"pbs": 4}
-    assert pbs.last_stats.block_mask.shape == (1, 4, 6, 10)  # (query blocks, key blocks) of 600 keys
+    assert pbs.last_stats.tiles.shape == (1, 4, 6, 10)  # (query blocks, key blocks) of 600 keys
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, logits(use("sdpa"), prompt), rtol=0, atol=1e-5)
 
@@ -202,13 +203,13 @@ def test_register_validates_and_from_config_accepts_the_name(pbs, model):
 
 def test_compiled_prefill_fullgraph_runs_pbs(use, pbs, prompt, monkeypatch):
     calls = []
-    eager_pipeline = flexpbs.api._pbs_attention
+    eager_pipeline = flexpbs.pipeline.pbs_attention
 
     def counting_pipeline(query, key, value, cfg, return_stats):  # what flexpbs::attention runs
         calls.append(cfg.threshold)
         return eager_pipeline(query, key, value, cfg, return_stats)
 
-    monkeypatch.setattr(flexpbs.api, "_pbs_attention", counting_pipeline)
+    monkeypatch.setattr(flexpbs.api, "pbs_attention", counting_pipeline)
     model = use("flexpbs", threshold=0.9)
     compiled = torch.compile(model, fullgraph=True)
     got = logits(compiled, prompt)  # a DynamicCache, as in generate(): no packed-sequence mask

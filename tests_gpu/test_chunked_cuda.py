@@ -21,7 +21,7 @@ def test_chunk_at_threshold_one_equals_dense_on_cuda(dtype, atol, n_queries):
     q, k, v = (x.cuda() for x in make_qkv(case, dtype))
     q = q[:, :, case.seq_len - n_queries :]
     out, stats = flexpbs.attention(q, k, v, threshold=1.0, min_seq_len=0, return_stats=True)
-    assert stats.scorer == "triton"
+    assert stats.importance_kernel == "triton"
     want = sdpa_causal(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(out.float().cpu(), want, rtol=0, atol=atol)
 
@@ -33,7 +33,7 @@ def test_chunk_equals_the_reference_on_cuda(n_queries):
     q, k, v = (x.cuda() for x in make_qkv(case))
     q = q[:, :, case.seq_len - n_queries :]
     out, stats = flexpbs.attention(q, k, v, threshold=0.7, min_seq_len=0, return_stats=True)
-    mask = reference.token_mask(stats.block_mask, stats.permutation, 128, n_queries)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, 128, n_queries)
     want = reference.masked_attention(q, k, v, mask, 64**-0.5)
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-4)
 

@@ -34,11 +34,11 @@ def test_flash_backend_matches_triton_and_the_reference(batch, kv_heads, group, 
     out, stats = flexpbs.attention(q, k, v, backend="flash", **options)
     triton_out, triton_stats = flexpbs.attention(q, k, v, backend="triton", **options)
     assert (stats.backend, triton_stats.backend) == ("flash", "triton")
-    assert torch.equal(stats.block_mask, triton_stats.block_mask)  # selection does not depend on it
+    assert torch.equal(stats.tiles, triton_stats.tiles)  # selection does not depend on it
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), triton_out.float(), rtol=0, atol=3e-2)
     # float32 attention over exactly the reported tiles, causal on original positions
-    mask = reference.token_mask(stats.block_mask, stats.permutation, 128, n_queries)
+    mask = reference.token_mask(stats.tiles, stats.key_positions, 128, n_queries)
     want = reference.masked_attention(q, k, v, mask, head_dim**-0.5)
     torch.testing.assert_close(out.float().cpu(), want, rtol=0, atol=3e-2)
     # backend="auto" takes flash here (Hopper, flash-attn-4 installed) and gives the same result

@@ -46,6 +46,7 @@ from transformers.modeling_utils import AttentionInterface
 from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dispatch import resolve
+from flexpbs.limits import LIMITS
 
 FALLBACK_REASONS: dict[str, str] = {
     "not_prefill": (
@@ -189,9 +190,6 @@ def _fallback_reason(
     return None
 
 
-# Elements of the mask compared per step when recognising causal + padding masks.
-_MASK_CHECK_ELEMENTS = 2**24
-
 
 def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
     """``valid_keys [B, N]`` when ``mask`` is exactly the bottom-right causal mask AND a key
@@ -215,7 +213,7 @@ def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> tor
     mask = mask[:, 0]
     valid = mask[:, -1]
     key_pos = torch.arange(kv_len, device=mask.device)
-    step = max(1, _MASK_CHECK_ELEMENTS // max(1, mask.shape[0] * kv_len))
+    step = max(1, LIMITS.mask_check_elements // max(1, mask.shape[0] * kv_len))
     for r0 in range(0, q_len, step):
         q_pos = torch.arange(r0, min(r0 + step, q_len), device=mask.device) + (kv_len - q_len)
         want = (key_pos[None, :] <= q_pos[:, None]) & valid[:, None, :]

@@ -512,7 +512,7 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, block_size: int, segme
             f"got {list(key.shape)}"
         )
     if head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton scorer, got {head_dim}")
+        raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton importance kernel, got {head_dim}")
     if block_size < 1 or segment_size < 1:
         raise ValueError(
             f"block_size and segment_size must be positive, got {block_size} and {segment_size}"

@@ -1,0 +1,219 @@
+"""The PBS pipeline on validated inputs: importance, permutation, selection, attention, per head chunk.
+
+Stages in order, each taking and returning tensors (:mod:`flexpbs.importance`, :mod:`flexpbs.permutation`,
+:mod:`flexpbs.selection`, :mod:`flexpbs.block_mask` inside :mod:`flexpbs.sparse_attention`), with the
+options beyond the paper (:mod:`flexpbs.head_guard`, :mod:`flexpbs.last_block`) and the dense path for
+short inputs. Memory is bounded by running a few KV heads at a time (:func:`kv_heads_per_chunk`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexpbs.config import PBSConfig, PBSStats
+from flexpbs.dense import dense_causal_attention
+from flexpbs import head_guard
+from flexpbs.importance import key_importance, resolve_importance_kernel
+from flexpbs.last_block import last_block_tiles
+from flexpbs.limits import LIMITS
+from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
+from flexpbs.selection import select_tiles
+from flexpbs.sparse_attention import sparse_attention
+from flexpbs.tile_grid import density
+
+# Bytes one tile costs in selection and BlockMask tables (bool tiles, full/partial masks, two int32
+# index lists, argsort).
+_TABLE_BYTES_PER_TILE = 14
+
+
+def pbs_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PBSConfig, return_stats: bool
+) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
+    """The pipeline on validated inputs without padding, eagerly; Nq <= N."""
+    # Inference only: inputs that require grad (under no_grad or inference_mode) must not reach
+    # FlexAttention, whose CPU kernel refuses them whatever the grad mode.
+    query, key, value = query.detach(), key.detach(), value.detach()
+    kernel = resolve_importance_kernel(cfg.importance_kernel, query.device)
+    batch, q_heads, n_queries, head_dim = query.shape
+    kv_heads, seq_len = key.shape[1], key.shape[2]
+    softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
+    perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
+
+    if cfg.runs_dense(seq_len) or n_queries == 0:
+        out = dense_causal_attention(query, key, value, softmax_scale)
+        if not return_stats:
+            return out
+        return out, _dense_stats(
+            batch, q_heads, perm_heads, n_queries, seq_len, cfg.block_size, query.device
+        )
+
+    heads_per_chunk = kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
+    if heads_per_chunk == kv_heads:
+        out, tiles, perm, sorted_rows = _pbs_heads(query, key, value, cfg, kernel, softmax_scale)
+    else:
+        out, tiles, perm, sorted_rows = _pbs_head_chunks(
+            query, key, value, cfg, kernel, softmax_scale, heads_per_chunk, return_stats
+        )
+    if not return_stats:
+        return out
+    return out, PBSStats(
+        tiles=tiles,
+        key_positions=perm,
+        density=density(tiles),
+        dense=False,
+        importance_kernel=None if cfg.key_order == "original" and not cfg.exact_last_block else kernel,
+        sorted_rows=sorted_rows,
+        backend=cfg.backend,
+    )
+
+
+def _pbs_head_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: PBSConfig,
+    importance_kernel: str,
+    scale: float,
+    kv_heads_per_chunk: int,
+    keep_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_pbs_heads` a few KV heads (and their query heads) at a time, to bound extra memory.
+
+    Every stage works per KV head: the same tiles and permutations as one call (the output may differ
+    in rounding on the GPU, where FlexAttention is compiled for fewer heads). Tiles and permutations
+    are kept only if ``keep_stats``.
+    """
+    group = query.shape[1] // key.shape[1]
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    tiles_parts, perm_parts, sorted_parts = [], [], []
+    for k0 in range(0, key.shape[1], kv_heads_per_chunk):
+        kv_chunk = slice(k0, k0 + kv_heads_per_chunk)
+        q_chunk = slice(k0 * group, (k0 + kv_heads_per_chunk) * group)
+        out_chunk, tiles, perm, sorted_rows = _pbs_heads(
+            query[:, q_chunk], key[:, kv_chunk], value[:, kv_chunk], cfg, importance_kernel, scale
+        )
+        out[:, q_chunk] = out_chunk
+        del out_chunk
+        if keep_stats:
+            tiles_parts.append(tiles)
+            perm_parts.append(perm)
+            sorted_parts.append(sorted_rows)
+    if not keep_stats:
+        return out, None, None, None
+    return out, *(torch.cat(parts, dim=1) for parts in (tiles_parts, perm_parts, sorted_parts))
+
+
+def _pbs_heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: PBSConfig,
+    importance_kernel: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance, permutation, selection and sparse attention for some heads.
+
+    Returns:
+        ``(out [B, Hq, Nq, Dv], tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64,
+        sorted_rows [B, Hp] bool)``.
+    """
+    batch, seq_len = key.shape[0], key.shape[2]
+    importance = None
+    if cfg.key_order == "sorted" or cfg.exact_last_block:
+        importance = key_importance(
+            query,
+            key,
+            block_size=cfg.block_size,
+            segment_size=cfg.segment_size,
+            scale=scale,
+            per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
+            kernel=importance_kernel,
+        )
+    if cfg.key_order == "original":  # identity order is shared by all heads: no K/V copies
+        perm = identity_permutation(batch, key.shape[1], seq_len, query.device)
+        key_p, value_p = key, value
+    else:
+        perm = segment_permutation(importance, seq_len, cfg.segment_size)
+        key_p, value_p = permute_kv(key, value, perm)
+    select = dict(
+        block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold, scale=scale
+    )
+    tiles = select_tiles(query, key_p, perm, **select)
+    sorted_rows = torch.full(perm.shape[:2], cfg.key_order == "sorted", device=query.device)
+    if cfg.max_shrink is not None:  # head guard: the original order where sorting shrinks the selection
+        identity = identity_permutation(batch, perm.shape[1], seq_len, query.device)
+        tiles_original = select_tiles(query, key, identity[:, : key.shape[1]], **select)
+        sorted_rows = head_guard.sorted_rows(tiles, tiles_original, perm.shape[1], cfg.max_shrink)
+        perm, tiles = head_guard.mix_orders(sorted_rows, perm, identity, tiles, tiles_original)
+        key_p, value_p = permute_kv(key, value, perm)
+    if cfg.exact_last_block:  # the block of the last query trusts the exact mass, not the pooled one
+        last_row = last_block_tiles(
+            importance,
+            perm,
+            block_size=cfg.block_size,
+            segment_size=cfg.segment_size,
+            threshold=cfg.threshold,
+        )
+        tiles[:, :, -1] |= last_row.repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
+    out = sparse_attention(
+        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale,
+        backend=cfg.backend,
+    )
+    return out, tiles, perm, sorted_rows
+
+
+def kv_heads_per_chunk(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, per_query_head: bool
+) -> int:
+    """KV heads the pipeline processes together: all of them, unless the extra memory they need
+    (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
+    ``max(LIMITS.min_chunk_bytes, LIMITS.chunk_share x the q/k/v bytes)`` (:mod:`flexpbs.limits`), or the chunk's tile table would reach
+    ``LIMITS.max_table_tiles`` (the kernel may index it with int32); then the largest divisor of Hkv
+    that fits both (one KV head at least, if only the memory budget is exceeded)."""
+    batch, q_heads, n_queries, _ = query.shape
+    kv_heads, group, seq_len = key.shape[1], q_heads // key.shape[1], key.shape[2]
+    n_blocks = -(-seq_len // block_size)
+    q_blocks = n_blocks - (seq_len - n_queries) // block_size  # query blocks aligned to key blocks
+    tiles_per_kv_head = group * batch * q_blocks * n_blocks
+    if tiles_per_kv_head >= LIMITS.max_table_tiles:
+        raise ValueError(
+            f"the tile table of one KV head ({batch} sequences x {group} query heads x {q_blocks} x "
+            f"{n_blocks} blocks) has >= 2^31 entries, beyond FlexAttention's int32 indexing: use a "
+            f"smaller batch or a larger block_size"
+        )
+    copies = group if per_query_head else 1  # gqa="per_head" gathers K/V once per query head
+    kv_copy = copies * (key[:, :1].numel() + value[:, :1].numel()) * key.element_size()
+    tables = tiles_per_kv_head * _TABLE_BYTES_PER_TILE
+    out_chunk = group * batch * n_queries * value.shape[-1] * value.element_size()
+    inputs = sum(x.numel() * x.element_size() for x in (query, key, value))
+    budget = max(LIMITS.min_chunk_bytes, int(inputs * LIMITS.chunk_share))
+    if kv_heads * (kv_copy + tables) <= budget and kv_heads * tiles_per_kv_head < LIMITS.max_table_tiles:
+        return kv_heads
+    per_head = kv_copy + tables + out_chunk
+    fits = [
+        d
+        for d in range(1, kv_heads + 1)
+        if kv_heads % d == 0 and d * per_head <= budget and d * tiles_per_kv_head < LIMITS.max_table_tiles
+    ]
+    return max(fits, default=1)
+
+
+def _dense_stats(
+    batch: int,
+    q_heads: int,
+    perm_heads: int,
+    n_queries: int,
+    seq_len: int,
+    block_size: int,
+    device: torch.device,
+) -> PBSStats:
+    n_blocks = -(-seq_len // block_size)
+    first_query_block = (seq_len - n_queries) // block_size if n_queries else n_blocks
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()[first_query_block:]
+    tiles = causal.expand(batch, q_heads, *causal.shape).contiguous()
+    return PBSStats(
+        tiles=tiles,
+        key_positions=identity_permutation(batch, perm_heads, seq_len, device),
+        density=torch.ones(batch, q_heads, device=device),
+        dense=True,
+    )
