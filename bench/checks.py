@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flexpbs import PBSConfig, reference
-from flexpbs.permutation import block_position_bounds, permute_kv
+from flexpbs.permutation import block_first_positions, permute_kv
 from flexpbs.selection import forced_tiles
 
 # Relative to max |value|; plus 4 * 2^-24 * (largest logit bound) for the float32 logit rounding.
@@ -121,7 +121,7 @@ def check_stats(stats, n: int, cfg: PBSConfig) -> None:
     group = stats.tiles.shape[1] // perm.shape[1]
     forced = forced_tiles(perm, cfg.block_size, seg).repeat_interleave(group, dim=1)
     assert not (forced & ~stats.tiles).any(), "forced tiles missing"
-    first_pos, _ = block_position_bounds(perm, cfg.block_size)
+    first_pos = block_first_positions(perm, cfg.block_size)
     nb = stats.tiles.shape[-1]
     last_query = (torch.arange(1, nb + 1, device=perm.device) * cfg.block_size).clamp_max(n) - 1
     future = first_pos.repeat_interleave(group, dim=1)[:, :, None, :] > last_query[:, None]

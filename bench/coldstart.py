@@ -62,8 +62,7 @@ def compile_count() -> int:
     try:
         from flexpbs.kernels import importance as kernels
 
-        for fn in (kernels._row_stats_kernel, kernels._merge_stats_kernel, kernels._column_mass_kernel):
-            count += sum(len(cache) for cache, *_ in fn.device_caches.values())
+        count += kernels.compiled_variants()
     except (ImportError, AttributeError):
         pass
     fa4 = sys.modules.get("flash_attn.cute.interface")

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import flexpbs
 from flexpbs import PBSConfig
-from flexpbs.kernels.importance import _launch as importance_kernels
+from flexpbs.kernels.importance import launch as importance_kernels
 from stages import stage_calls
 from workloads import synthetic_qkv
 

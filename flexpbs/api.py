@@ -10,9 +10,9 @@ from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.dispatch import resolve
 from flexpbs.pipeline import pbs_attention
+from flexpbs.validation import check_inputs
 from flexpbs.sparse_attention import check_block_size
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def attention(
@@ -75,7 +75,7 @@ def attention(
     pipeline runs. ``return_stats`` is then unsupported (ValueError).
     """
     cfg = PBSConfig.resolve(config, options)
-    _check_inputs(query, key, value)
+    check_inputs(query, key, value)
     check_block_size(query.device, cfg.block_size)
     if valid_keys is not None:
         check_valid_keys(valid_keys, key)
@@ -106,46 +106,5 @@ def _attention_op(
 @_attention_op.register_fake
 def _(query, key, value, valid_keys, config):
     return query.new_empty(*query.shape[:3], value.shape[-1])
-
-
-def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    tensors = {"query": query, "key": key, "value": value}
-    for name, x in tensors.items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, heads, seq_len, head_dim], got {list(x.shape)}"
-            )
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{name} requires grad: flexpbs.attention is inference-only; call it under "
-                "torch.no_grad() or torch.inference_mode()"
-            )
-    for name in ("key", "value"):
-        x = tensors[name]
-        if x.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {x.dtype} does not match query dtype {query.dtype}")
-        if x.device != query.device:
-            raise ValueError(f"{name} device {x.device} does not match query device {query.device}")
-        if x.shape[0] != query.shape[0]:
-            raise ValueError(f"{name} batch {x.shape[0]} does not match query batch {query.shape[0]}")
-    if key.shape[2] < query.shape[2]:
-        raise ValueError(
-            f"key seq_len {key.shape[2]} must be >= query seq_len {query.shape[2]} "
-            "(the queries are the last query-seq_len key positions)"
-        )
-    if value.shape[2] != key.shape[2]:
-        raise ValueError(f"value seq_len {value.shape[2]} does not match key seq_len {key.shape[2]}")
-    if key.shape[3] != query.shape[3]:
-        raise ValueError(f"key head_dim {key.shape[3]} does not match query head_dim {query.shape[3]}")
-    if value.shape[1] != key.shape[1]:
-        raise ValueError(f"value heads {value.shape[1]} do not match key heads {key.shape[1]}")
-    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-        raise ValueError(
-            f"query heads {query.shape[1]} must be a positive multiple of key heads {key.shape[1]}"
-        )
 
 

@@ -91,8 +91,3 @@ def block_last_positions(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     pad = -perm.shape[-1] % block_size
     padded = F.pad(perm, (0, pad), value=-1) if pad else perm
     return padded.unflatten(-1, (-1, block_size)).amax(dim=-1)
-
-
-def block_position_bounds(perm: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, last)``: :func:`block_first_positions` and :func:`block_last_positions`."""
-    return block_first_positions(perm, block_size), block_last_positions(perm, block_size)

@@ -18,7 +18,7 @@ from einops import rearrange
 
 from flexpbs.permutation import block_first_positions
 from flexpbs.limits import LIMITS
-from flexpbs.tile_grid import TileGrid, row_bands, tile_grid
+from flexpbs.tile_grid import TileGrid, cdiv, row_bands, tile_grid
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor:
@@ -70,26 +70,6 @@ def candidate_tiles(
 
 def _candidates(grid: TileGrid) -> torch.Tensor:
     return grid.key_segment < grid.query_segment
-
-
-def block_scores(
-    pooled_q: torch.Tensor, pooled_k: torch.Tensor, candidates: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax of pooled logits over the candidate key blocks.
-
-    Args:
-        pooled_q: ``[B, Hq, nbq, D]`` float32.
-        pooled_k: ``[B, Hp, nb, D]`` float32, Hq a multiple of Hp (query head h reads h // (Hq/Hp)).
-        candidates: ``[nbq, nb]`` bool.
-
-    Returns:
-        ``[B, Hq, nbq, nb]`` float32 probabilities; 0 off the candidates and on rows without any.
-    """
-    group = pooled_q.shape[1] // pooled_k.shape[1]
-    bias = _candidate_bias(candidates.repeat_interleave(group, dim=0))
-    probs = _candidate_softmax(_group_rows(pooled_q, group), pooled_k.transpose(-1, -2), bias, scale)
-    # Rows with no candidate (the first segment) are all -inf: softmax gives NaN there.
-    return rearrange(probs, "b k (i g) j -> b (k g) i j", g=group).nan_to_num_(0.0)
 
 
 def _group_rows(pooled_q: torch.Tensor, group: int) -> torch.Tensor:
@@ -165,25 +145,34 @@ def _threshold_into(out: torch.Tensor, probs: torch.Tensor, ranks: torch.Tensor,
 
 
 def forced_tiles(
-    perm: torch.Tensor, block_size: int, segment_size: int, first_query_block: int = 0
+    perm: torch.Tensor,
+    block_size: int,
+    segment_size: int,
+    first_query_block: int = 0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiles computed regardless of scores: the sink block and the own segment.
 
     Args:
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot.
         first_query_block: the key block holding the first query block (see :func:`candidate_tiles`).
+        out: ``[B, Hq, nbq, nb]`` bool (contiguous, Hq a multiple of Hp) to add the forced tiles to, in
+            place (only the own segment's columns and the sink's column are written); None: a new
+            ``[B, Hp, nbq, nb]`` table.
 
     Returns:
-        ``[B, Hp, nbq, nb]`` bool: the permuted block holding token 0, for every query block, and
+        ``out``, or the new table: the permuted block holding token 0, for every query block, and
         every block of the query block's own segment holding a key at or before the block's last
         query (own-segment blocks wholly in its future would be fully masked).
     """
-    n_blocks = -(-perm.shape[-1] // block_size)
+    n_blocks = cdiv(perm.shape[-1], block_size)
     grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, perm.shape[-1],
                      block_size, segment_size, perm.device)
-    forced = torch.zeros(*perm.shape[:2], grid.query_start.shape[0], n_blocks, dtype=torch.bool, device=perm.device)
-    _force_into(forced, perm, block_size, grid)
-    return forced
+    if out is None:
+        out = torch.zeros(*perm.shape[:2], grid.query_start.shape[0], n_blocks, dtype=torch.bool, device=perm.device)
+    _force_into(out, perm, block_size, grid)
+    return out
 
 
 def _force_into(tiles: torch.Tensor, perm: torch.Tensor, block_size: int, grid: TileGrid) -> None:
@@ -254,5 +243,5 @@ def select_tiles(
                                            bias[rows, :columns], scale)
                 out = by_rows[:, heads, r0:r1, :, :columns]
                 _threshold_into(out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold)
-    _force_into(tiles, perm, block_size, grid)
+    forced_tiles(perm, block_size, segment_size, first_query_block, out=tiles)
     return tiles

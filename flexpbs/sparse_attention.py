@@ -129,7 +129,6 @@ def sparse_attention(
     block_size: int,
     segment_size: int,
     scale: float,
-    kernel_options: dict | None = None,
     backend: str = "triton",
 ) -> torch.Tensor:
     """Attention of original-order queries over permuted keys, on the selected tiles only.
@@ -141,11 +140,8 @@ def sparse_attention(
             aligned to key blocks as in :func:`flexpbs.selection.select_tiles`.
         perm: ``[B, Hp, N]`` int64 original position at each permuted slot, permuting only inside
             segments of ``segment_size`` keys.
-        kernel_options: FlexAttention kernel options (tile sizes, warps, stages); each distinct
-            value compiles its own kernel. None: :func:`tuned_kernel_options` where they apply,
-            FlexAttention's defaults elsewhere.
-        backend: ``"triton"`` or ``"flash"`` (resolved: :func:`flexpbs.dispatch.resolve`); ``"flash"``
-            adds ``BACKEND="FLASH"`` to ``kernel_options``.
+        backend: ``"triton"`` (with :func:`tuned_kernel_options` where they apply) or ``"flash"``
+            (resolved: :func:`flexpbs.dispatch.resolve`).
 
     Returns:
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``.
@@ -175,9 +171,7 @@ def sparse_attention(
         (*perm.shape[:2], capacity or key_p.shape[2]), _BEYOND_EVERY_QUERY, dtype=torch.int32, device=perm.device
     )
     positions[..., : perm.shape[-1]] = perm - query_start
-    if backend == "flash":
-        kernel_options = {"BACKEND": "FLASH", **(kernel_options or {})}
-    kernel_options = _kernel_options(query, block_size, kernel_options)
+    kernel_options = _kernel_options(query, block_size, {"BACKEND": "FLASH"} if backend == "flash" else None)
     out = _folded_flex(query, key_p, value_p, lists, positions, block_size, scale, kernel_options, capacity is None)
     return out[:, :, lead:q_total] if lead or q_pad else out
 

@@ -41,14 +41,15 @@ def tile_grid(
     args = (q_blocks, n_blocks, first_query_block, n_keys, block_size, segment_size, torch.device(device))
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if capturing or torch.compiler.is_compiling():
-        return _build(*args)
-    return _cached(*args)
+        return build_tile_grid(*args)
+    return cached_tile_grid(*args)
 
 
-def _build(
+def build_tile_grid(
     q_blocks: int, n_blocks: int, first_query_block: int, n_keys: int, block_size: int, segment_size: int,
     device: torch.device,
 ) -> TileGrid:
+    """The :class:`TileGrid`, built anew (:func:`tile_grid` caches it)."""
     per_segment = segment_size // block_size
     columns = torch.arange(n_blocks, device=device)
     rows = torch.arange(first_query_block, first_query_block + q_blocks, device=device)[:, None]
@@ -66,7 +67,8 @@ def _build(
 
 
 # A handful of recent shapes; each entry holds a few vectors of at most nb x (blocks per segment) int64.
-_cached = functools.lru_cache(maxsize=32)(_build)
+# ``cached_tile_grid.cache_info()`` / ``.cache_clear()`` inspect and empty it.
+cached_tile_grid = functools.lru_cache(maxsize=32)(build_tile_grid)
 
 
 def cdiv(a: int, b: int) -> int:

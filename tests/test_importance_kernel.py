@@ -37,7 +37,7 @@ def _both(q, k, case: Case, per_query_head: bool, **tiling):
     )
     want = last_block_importance(q, k, **args)
     if tiling:
-        got = kernel_module._launch(q, k, **args, **tiling)
+        got = kernel_module.launch(q, k, **args, **tiling)
     else:
         got = triton_last_block_importance(q, k, **args)
     return got, want
@@ -106,7 +106,7 @@ def test_non_positive_scale(scale):
         args = dict(block_size=16, segment_size=32, scale=scale, per_query_head=per_query_head)
         want = last_block_importance(q, k, **args)
         torch.testing.assert_close(triton_last_block_importance(q, k, **args), want, **TOL)
-        torch.testing.assert_close(kernel_module._launch(q, k, **args, block_n=16, splits=3), want, **TOL)
+        torch.testing.assert_close(kernel_module.launch(q, k, **args, block_n=16, splits=3), want, **TOL)
 
 
 @pytest.mark.parametrize("n_queries", [1, 13, 40, 150])

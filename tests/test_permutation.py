@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexpbs.permutation import block_position_bounds, permute_kv, segment_permutation
+from flexpbs.permutation import block_first_positions, block_last_positions, permute_kv, segment_permutation
 from tests.helpers import cases, make_qkv
 
 
@@ -56,7 +56,7 @@ def test_permute_kv_gathers_each_head(case, copies):
 
 def test_block_position_bounds_ignore_padding():
     perm = torch.tensor([[[3, 0, 2, 1, 4]]])
-    first, last = block_position_bounds(perm, 2)
+    first, last = block_first_positions(perm, 2), block_last_positions(perm, 2)
     assert first.tolist() == [[[0, 1, 4]]]
     assert last.tolist() == [[[3, 2, 4]]]
 

@@ -5,16 +5,15 @@ from hypothesis import strategies as st
 
 import flexpbs
 from flexpbs import PBSConfig, reference
-from flexpbs.permutation import block_position_bounds, permute_kv, segment_permutation
+from flexpbs.permutation import block_first_positions, permute_kv, segment_permutation
 from flexpbs.selection import (
-    block_scores,
     candidate_tiles,
     forced_tiles,
     pool_blocks,
     select_tiles,
     threshold_tiles,
 )
-from tests.helpers import cases, chunk_cases, make_qkv
+from tests.helpers import cases, chunk_cases, make_qkv, pooled_block_probs
 
 
 def _pipeline(case, threshold, gqa="shared"):
@@ -49,8 +48,7 @@ def test_selection_is_the_minimal_prefix_reaching_threshold(case, threshold):
     q, _, k_p, perm, tiles, _ = _pipeline(case, threshold)
     nb = tiles.shape[-1]
     cand = candidate_tiles(nb, case.block_size, case.segment_size, q.device)
-    probs = block_scores(pool_blocks(q, case.block_size), pool_blocks(k_p, case.block_size),
-                         cand, case.head_dim**-0.5)
+    probs = pooled_block_probs(q, k_p, cand, case.block_size, case.head_dim**-0.5)
     chosen = threshold_tiles(probs, cand, threshold)
     assert not (chosen & ~cand).any()
     # Every selected candidate also appears in the final tiles.
@@ -76,7 +74,7 @@ def test_selection_is_the_minimal_prefix_reaching_threshold(case, threshold):
 def test_sink_and_own_segment_always_computed_and_nothing_in_the_future(case, threshold, gqa):
     q, _, _, perm, tiles, _ = _pipeline(case, threshold, gqa)
     group = tiles.shape[1] // perm.shape[1]
-    first, _ = block_position_bounds(perm, case.block_size)
+    first = block_first_positions(perm, case.block_size)
     first = first.repeat_interleave(group, dim=1)
     nb = tiles.shape[-1]
     n = case.seq_len
@@ -120,7 +118,7 @@ def test_chunk_selection_matches_reference_and_sees_nothing_in_the_future(chunk,
     nb = -(-case.seq_len // case.block_size)
     assert tiles.shape[-2:] == (nb - first, nb)
     group = tiles.shape[1] // perm.shape[1]
-    first_pos, _ = block_position_bounds(perm, case.block_size)
+    first_pos = block_first_positions(perm, case.block_size)
     last_query = ((torch.arange(first, nb) + 1) * case.block_size).clamp_max(case.seq_len) - 1
     visible = first_pos.repeat_interleave(group, dim=1)[:, :, None, :] <= last_query[:, None]
     assert not (tiles & ~visible).any()
@@ -223,7 +221,7 @@ def test_forced_tiles_match_their_definition(seed, n, block, seg_blocks, first_q
     nb = -(-n // block)
     first_query_block = min(first_query_block, nb - 1)
     got = forced_tiles(perm, block, segment, first_query_block)
-    first_pos, _ = block_position_bounds(perm, block)
+    first_pos = block_first_positions(perm, block)
     want = torch.zeros(1, 2, nb - first_query_block, nb, dtype=torch.bool)
     for h in range(2):
         for i in range(nb - first_query_block):

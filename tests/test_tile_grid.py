@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import flexpbs
 from flexpbs import PBSConfig
 import flexpbs.tile_grid as grid_module
-from flexpbs.tile_grid import _build, tile_grid
+from flexpbs.tile_grid import build_tile_grid, tile_grid
 from tests.helpers import cases, make_qkv
 
 
@@ -39,7 +39,7 @@ def test_grid_matches_its_definition(args):
 def test_grid_is_built_once_per_shape():
     args = (6, 8, 2, 1000, 128, 256, torch.device("cpu"))
     assert tile_grid(*args) is tile_grid(*args)
-    assert tile_grid(*args) is not _build(*args)
+    assert tile_grid(*args) is not build_tile_grid(*args)
 
 
 @settings(max_examples=5)  # each new shape compiles FlexAttention (seconds on CPU)
@@ -49,13 +49,13 @@ def test_calls_leave_cached_grids_unchanged(case, threshold):
     q, k, v = make_qkv(case)
     cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold,
                     exact_last_block=True)
-    seen, cached = {}, grid_module._cached
+    seen, cached = {}, grid_module.cached_tile_grid
 
     def recording(*key):
         seen[key] = cached(*key)
         return seen[key]
 
-    with mock.patch.object(grid_module, "_cached", recording):
+    with mock.patch.object(grid_module, "cached_tile_grid", recording):
         flexpbs.attention(q, k, v, config=cfg)
         before = {key: [t.clone() for t in grid] for key, grid in seen.items()}
         flexpbs.attention(q, k, v, config=cfg)

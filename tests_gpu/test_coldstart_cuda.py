@@ -22,11 +22,7 @@ def compiled_variants() -> int:
     in this process so far."""
     fa4 = sys.modules.get("flash_attn.cute.interface")
     cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
-    jit = len(getattr(cache, "cache", cache or ())) + sum(
-        len(cache)
-        for fn in (kernels._row_stats_kernel, kernels._merge_stats_kernel, kernels._column_mass_kernel)
-        for cache, *_ in fn.device_caches.values()
-    )
+    jit = len(getattr(cache, "cache", cache or ())) + kernels.compiled_variants()
     return counters["stats"]["unique_graphs"] + jit
 
 

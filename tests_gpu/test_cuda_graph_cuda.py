@@ -20,14 +20,14 @@ def test_replay_equals_eager_with_a_cold_grid_cache():
     with torch.cuda.stream(stream):  # compiles FlexAttention before capture
         call()
     torch.cuda.current_stream().wait_stream(stream)
-    grid_module._cached.cache_clear()
+    grid_module.cached_tile_grid.cache_clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = call()
     # Nothing built during capture is cached: its values exist only once the graph replays.
-    assert grid_module._cached.cache_info().currsize == 0
+    assert grid_module.cached_tile_grid.cache_info().currsize == 0
     graph.replay()
     torch.cuda.synchronize()
     eager = call()  # fills the cache outside capture
-    assert grid_module._cached.cache_info().currsize > 0
+    assert grid_module.cached_tile_grid.cache_info().currsize > 0
     assert torch.equal(static_out, eager)

@@ -18,6 +18,7 @@ run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -26,6 +27,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from flexpbs.validation import check_inputs
 
 _LOG2E = math.log2(math.e)
 # Read once, like triton.jit does when it decides whether to interpret the kernels below.
@@ -77,7 +80,7 @@ def _stats_update(
 
 # Integer arguments that change with the lengths are not specialised (Triton would compile a variant
 # per divisibility by 16, or value 1, of each: a JIT compile at a new prompt length).
-_LENGTH_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "seq_len", "n_complete", "rows"]
+_LENGTH_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "n_queries", "n_complete", "rows"]
 
 
 @triton.jit(do_not_specialize=[*_LENGTH_ARGS, "tiles_per_split", "stats_per_split"])
@@ -95,7 +98,7 @@ def _row_stats_kernel(
     stride_kn,
     stride_kd,
     kv_heads,
-    seq_len,
+    n_queries,
     n_complete,
     rows,
     head_dim,
@@ -133,7 +136,7 @@ def _row_stats_kernel(
 
     # int64 bases: batch/head strides times indices overflow int32 past ~2G elements.
     q_head = (kv * GROUP + offs_m // rows).to(tl.int64)
-    q_row = seq_len - rows + offs_m % rows
+    q_row = n_queries - rows + offs_m % rows
     q_ptrs = (
         q_ptr
         + batch.to(tl.int64) * stride_qb
@@ -208,7 +211,7 @@ def _column_mass_kernel(
     stride_ob,
     stride_oh,
     kv_heads,
-    seq_len,
+    n_queries,
     n_complete,
     rows,
     head_dim,
@@ -266,7 +269,7 @@ def _column_mass_kernel(
             flat = m0 + offs_m
             row_ok = flat < out_rows
             q_head = (out_head * HEADS_PER_OUT + flat // rows).to(tl.int64)
-            q_row = seq_len - rows + flat % rows
+            q_row = n_queries - rows + flat % rows
             q_ptrs = q_base + q_head[:, None] * stride_qh + q_row[:, None] * stride_qn
             q_ptrs += offs_d[None, :] * stride_qd
             q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -353,7 +356,7 @@ def _row_lse(
     splits: int | None,
 ) -> torch.Tensor:
     """Pass 1: ``[B * Hq * rows]`` float32 log2-sum-exp2 of each last-block row's base-2 logits."""
-    batch, q_heads, seq_len, head_dim = query.shape
+    batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     row_tiles = triton.cdiv(group * rows, tiles.block_m)
@@ -379,7 +382,7 @@ def _row_lse(
         *_strides(query),
         *_strides(key),
         kv_heads,
-        seq_len,
+        n_queries,
         n_complete,
         rows,
         head_dim,
@@ -414,7 +417,7 @@ def _column_mass(
     tiles: _Tiles,
 ) -> None:
     """Pass 2: fills ``out [B, Hp, Nc]`` with the mean probability of each key."""
-    batch, q_heads, seq_len, head_dim = query.shape
+    batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     n_complete = out.shape[-1]
@@ -429,7 +432,7 @@ def _column_mass(
         _strides(out)[0],
         out.stride(1),
         kv_heads,
-        seq_len,
+        n_queries,
         n_complete,
         rows,
         head_dim,
@@ -446,7 +449,7 @@ def _column_mass(
     )
 
 
-def _launch(
+def launch(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
@@ -467,11 +470,11 @@ def _launch(
     Returns:
         ``[B, Hp, Nc]`` float32 (see :func:`triton_last_block_importance`).
     """
-    batch, q_heads, seq_len, head_dim = query.shape  # seq_len: the query length, Nq
+    batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     n_complete = key.shape[2] // segment_size * segment_size
-    rows = min(block_size, seq_len)
+    rows = min(block_size, n_queries)
     out_heads = q_heads if per_query_head else kv_heads
     out = torch.empty(batch, out_heads, n_complete, dtype=torch.float32, device=query.device)
     if n_complete == 0 or out.numel() == 0:
@@ -493,30 +496,12 @@ def _launch(
     return out
 
 
-def _check_inputs(query: torch.Tensor, key: torch.Tensor, block_size: int, segment_size: int) -> None:
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(
-            "query and key must have shape [batch, heads, seq_len, head_dim], got "
-            f"{list(query.shape)} and {list(key.shape)}"
-        )
-    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16) or key.dtype != query.dtype:
-        raise TypeError(
-            f"query and key must share a float16/bfloat16/float32 dtype, got {query.dtype} and {key.dtype}"
-        )
-    if query.device != key.device:
-        raise ValueError(f"query and key must be on one device, got {query.device} and {key.device}")
-    batch, q_heads, seq_len, head_dim = query.shape
-    if (key.shape[0], key.shape[3]) != (batch, head_dim) or key.shape[2] < seq_len or q_heads % key.shape[1]:
-        raise ValueError(
-            f"key must have shape [{batch}, Hkv, N >= {seq_len}, {head_dim}] with Hkv dividing {q_heads}, "
-            f"got {list(key.shape)}"
-        )
-    if head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton importance kernel, got {head_dim}")
+def _check_kernel_inputs(query: torch.Tensor, key: torch.Tensor, block_size: int, segment_size: int) -> None:
+    check_inputs(query, key)
+    if query.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton importance kernel, got {query.shape[-1]}")
     if block_size < 1 or segment_size < 1:
-        raise ValueError(
-            f"block_size and segment_size must be positive, got {block_size} and {segment_size}"
-        )
+        raise ValueError(f"block_size and segment_size must be positive, got {block_size} and {segment_size}")
 
 
 @torch.library.custom_op("flexpbs::last_block_importance", mutates_args=())
@@ -530,19 +515,11 @@ def _importance_op(
 ) -> torch.Tensor:
     # An opaque op: torch.compile neither traces nor re-launches the kernels, and under the
     # interpreter a bare @triton.jit call inside a compiled function would fail.
-    if query.device.type == "cuda":
-        with torch.cuda.device(query.device):
-            return _launch(
-                query,
-                key,
-                block_size=block_size,
-                segment_size=segment_size,
-                scale=scale,
-                per_query_head=per_query_head,
-            )
-    return _launch(
-        query, key, block_size=block_size, segment_size=segment_size, scale=scale, per_query_head=per_query_head
-    )
+    device = torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext()
+    with device:
+        return launch(
+            query, key, block_size=block_size, segment_size=segment_size, scale=scale, per_query_head=per_query_head
+        )
 
 
 @_importance_op.register_fake
@@ -591,5 +568,12 @@ def triton_last_block_importance(
         TypeError: dtypes are not float16/bfloat16/float32 or differ.
         ValueError: ranks or shapes do not match, D > 256, or block/segment size is not positive.
     """
-    _check_inputs(query, key, block_size, segment_size)
+    _check_kernel_inputs(query, key, block_size, segment_size)
     return _importance_op(query, key, int(block_size), int(segment_size), float(scale), bool(per_query_head))
+
+
+def compiled_variants() -> int:
+    """Compiled variants of the importance kernels in this process (Triton compiles one per
+    specialisation of their arguments): counts what a call at a new shape compiled."""
+    kernels = (_row_stats_kernel, _merge_stats_kernel, _column_mass_kernel)
+    return sum(len(cache) for fn in kernels for cache, *_ in getattr(fn, "device_caches", {}).values())
