@@ -1,8 +1,21 @@
 """flexpbs: Permuted Block-Sparse attention (PBS-Attn) on PyTorch FlexAttention.
 
-Public API: :func:`attention`, :func:`warmup`, :class:`PBSConfig`, :class:`PBSStats` and :mod:`flexpbs.nn`
-(``flexpbs.nn.PBSAttention``). The dense float32 oracle
-used by the tests lives in :mod:`flexpbs.reference`.
+Public API: :func:`attention`, :func:`warmup`, :class:`PBSConfig`, :class:`PBSStats`,
+:mod:`flexpbs.nn` (``PBSAttention``) and :mod:`flexpbs.limits` (memory budgets). The dense float32
+oracle the tests compare against is :mod:`flexpbs.reference`.
+
+Shapes and words, the same in every module:
+
+- ``B`` batch; ``Hq`` query heads; ``Hkv`` key/value heads (Hq a multiple of Hkv, ``G = Hq / Hkv``);
+  ``Hp`` permutation rows: Hkv for ``gqa="shared"`` or ``key_order="original"``, Hq for ``"per_head"``.
+- ``N`` (``n_keys``) the key length; ``Nq`` (``n_queries``) the query length, the queries sitting at
+  the last Nq key positions (Nq = N for a whole prompt, Nq < N for a chunk against a cache).
+- ``nb = ceil(N / block_size)`` key blocks; ``nbq`` query blocks, aligned to key blocks (a chunk's
+  first query block is key block ``(N - Nq) // block_size``).
+- tile: one (query block, key block) pair; ``tiles``: the ``[B, Hq, nbq, nb]`` bool table of the tiles
+  computed, over permuted key blocks. FlexAttention's ``BlockMask`` is built from them, not the same.
+- segment: ``segment_size`` keys inside which keys are sorted by importance; ``key_positions``: the
+  original position of the key at each permuted slot.
 """
 
 from flexpbs import limits, nn

@@ -158,12 +158,12 @@ class PBSConfig:
         pairs = (item.split("=", 1) for item in text.split(";"))
         return cls(**{name: ast.literal_eval(value) for name, value in pairs})
 
-    def runs_dense(self, seq_len: int) -> bool:
-        """Whether ``seq_len`` keys (the key length, also for a chunk) run dense causal attention
+    def runs_dense(self, n_keys: int) -> bool:
+        """Whether ``n_keys`` keys (the key length, also for a chunk) run dense causal attention
         instead of PBS (too short); ``min_seq_len`` resolved (see :func:`flexpbs.dispatch.resolve`)."""
         if self.min_seq_len == "auto":
             raise ValueError("min_seq_len='auto' is resolved per call: use flexpbs.dispatch.resolve first")
-        return seq_len <= self.segment_size or (self.min_seq_len is not None and seq_len < self.min_seq_len)
+        return n_keys <= self.segment_size or (self.min_seq_len is not None and n_keys < self.min_seq_len)
 
 
 @dataclass(frozen=True)

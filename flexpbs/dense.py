@@ -23,12 +23,12 @@ def dense_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     Returns:
         ``[B, Hq, Nq, Dv]``. With Nq < N the mask is materialised (``Nq x N`` bool).
     """
-    n_queries, seq_len = query.shape[2], key.shape[2]
-    if n_queries == seq_len:
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    if n_queries == n_keys:
         kwargs = dict(is_causal=True)
     else:  # SDPA's is_causal is aligned top-left when Nq != N: state the mask instead
-        mask = torch.ones(n_queries, seq_len, dtype=torch.bool, device=query.device)
-        kwargs = dict(attn_mask=mask.tril(diagonal=seq_len - n_queries))
+        mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=query.device)
+        kwargs = dict(attn_mask=mask.tril(diagonal=n_keys - n_queries))
     if query.device.type != "cuda":
         return F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=True, **kwargs)
     with sdpa_kernel(_CUDA_ORDER, set_priority=True):

@@ -42,9 +42,9 @@ def last_block_importance(
         ``[B, Hp, Nc]`` float32, Nc = floor(N / segment_size) * segment_size, Hp = Hq if
         ``per_query_head`` else Hkv. Each row of each head sums to 1 before averaging.
     """
-    batch, kv_heads, seq_len, _ = key.shape
+    batch, kv_heads, n_keys, _ = key.shape
     group = query.shape[1] // kv_heads
-    n_complete = seq_len // segment_size * segment_size
+    n_complete = n_keys // segment_size * segment_size
     n_queries = query.shape[2]
     rows = min(block_size, n_queries)
     q_last = rearrange(query[:, :, n_queries - rows :], "b (k g) r d -> b k g r d", g=group)

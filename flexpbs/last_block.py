@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flexpbs.selection import candidate_tiles, threshold_tiles
+from flexpbs.tile_grid import cdiv
 
 
 def last_block_tiles(
@@ -34,7 +35,7 @@ def last_block_tiles(
     """
     batch, heads, n_complete = importance.shape
     n = perm.shape[-1]
-    n_blocks = -(-n // block_size)
+    n_blocks = cdiv(n, block_size)
     # the row of the last query block (key block nb - 1); all candidates lie in complete segments
     candidates = candidate_tiles(n_blocks, block_size, segment_size, perm.device, n_blocks - 1)[0]
     at_slot = importance.double().gather(-1, perm[..., :n_complete])

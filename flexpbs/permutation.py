@@ -13,12 +13,12 @@ import torch.nn.functional as F
 _PAD_POSITION = 2**62  # larger than any sequence position, exact in float64 and int64
 
 
-def segment_permutation(importance: torch.Tensor, seq_len: int, segment_size: int) -> torch.Tensor:
+def segment_permutation(importance: torch.Tensor, n_keys: int, segment_size: int) -> torch.Tensor:
     """Stable descending sort of importance inside each complete segment; the tail stays put.
 
     Args:
         importance: ``[B, Hp, Nc]`` float, Nc a multiple of ``segment_size``.
-        seq_len: N >= Nc; positions Nc..N-1 (the incomplete tail) keep their place.
+        n_keys: N >= Nc; positions Nc..N-1 (the incomplete tail) keep their place.
 
     Returns:
         perm: ``[B, Hp, N]`` int64, the original position of the key at each permuted slot.
@@ -29,15 +29,15 @@ def segment_permutation(importance: torch.Tensor, seq_len: int, segment_size: in
     order = torch.sort(by_segment, dim=-1, descending=True, stable=True).indices
     starts = torch.arange(0, n_complete, segment_size, device=device).view(1, 1, -1, 1)
     sorted_part = (order + starts).view(batch, heads, n_complete)
-    if n_complete == seq_len:
+    if n_complete == n_keys:
         return sorted_part
-    tail = torch.arange(n_complete, seq_len, device=device).expand(batch, heads, -1)
+    tail = torch.arange(n_complete, n_keys, device=device).expand(batch, heads, -1)
     return torch.cat([sorted_part, tail], dim=-1)
 
 
-def identity_permutation(batch: int, heads: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """``[batch, heads, seq_len]`` int64 identity map (no reordering)."""
-    return torch.arange(seq_len, device=device).expand(batch, heads, seq_len).contiguous()
+def identity_permutation(batch: int, heads: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """``[batch, heads, n_keys]`` int64 identity map (no reordering)."""
+    return torch.arange(n_keys, device=device).expand(batch, heads, n_keys).contiguous()
 
 
 def permute_kv(

@@ -19,7 +19,7 @@ from flexpbs.limits import LIMITS
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
 from flexpbs.sparse_attention import sparse_attention
-from flexpbs.tile_grid import density
+from flexpbs.tile_grid import cdiv, density
 
 # Bytes one tile costs in selection and BlockMask tables (bool tiles, full/partial masks, two int32
 # index lists, argsort).
@@ -35,16 +35,16 @@ def pbs_attention(
     query, key, value = query.detach(), key.detach(), value.detach()
     kernel = resolve_importance_kernel(cfg.importance_kernel, query.device)
     batch, q_heads, n_queries, head_dim = query.shape
-    kv_heads, seq_len = key.shape[1], key.shape[2]
+    kv_heads, n_keys = key.shape[1], key.shape[2]
     softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
-    if cfg.runs_dense(seq_len) or n_queries == 0:
+    if cfg.runs_dense(n_keys) or n_queries == 0:
         out = dense_causal_attention(query, key, value, softmax_scale)
         if not return_stats:
             return out
         return out, _dense_stats(
-            batch, q_heads, perm_heads, n_queries, seq_len, cfg.block_size, query.device
+            batch, q_heads, perm_heads, n_queries, n_keys, cfg.block_size, query.device
         )
 
     heads_per_chunk = kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
@@ -117,7 +117,7 @@ def _pbs_heads(
         ``(out [B, Hq, Nq, Dv], tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64,
         sorted_rows [B, Hp] bool)``.
     """
-    batch, seq_len = key.shape[0], key.shape[2]
+    batch, n_keys = key.shape[0], key.shape[2]
     importance = None
     if cfg.key_order == "sorted" or cfg.exact_last_block:
         importance = key_importance(
@@ -130,10 +130,10 @@ def _pbs_heads(
             kernel=importance_kernel,
         )
     if cfg.key_order == "original":  # identity order is shared by all heads: no K/V copies
-        perm = identity_permutation(batch, key.shape[1], seq_len, query.device)
+        perm = identity_permutation(batch, key.shape[1], n_keys, query.device)
         key_p, value_p = key, value
     else:
-        perm = segment_permutation(importance, seq_len, cfg.segment_size)
+        perm = segment_permutation(importance, n_keys, cfg.segment_size)
         key_p, value_p = permute_kv(key, value, perm)
     select = dict(
         block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold, scale=scale
@@ -141,7 +141,7 @@ def _pbs_heads(
     tiles = select_tiles(query, key_p, perm, **select)
     sorted_rows = torch.full(perm.shape[:2], cfg.key_order == "sorted", device=query.device)
     if cfg.max_shrink is not None:  # head guard: the original order where sorting shrinks the selection
-        identity = identity_permutation(batch, perm.shape[1], seq_len, query.device)
+        identity = identity_permutation(batch, perm.shape[1], n_keys, query.device)
         tiles_original = select_tiles(query, key, identity[:, : key.shape[1]], **select)
         sorted_rows = head_guard.sorted_rows(tiles, tiles_original, perm.shape[1], cfg.max_shrink)
         perm, tiles = head_guard.mix_orders(sorted_rows, perm, identity, tiles, tiles_original)
@@ -171,9 +171,9 @@ def kv_heads_per_chunk(
     ``LIMITS.max_table_tiles`` (the kernel may index it with int32); then the largest divisor of Hkv
     that fits both (one KV head at least, if only the memory budget is exceeded)."""
     batch, q_heads, n_queries, _ = query.shape
-    kv_heads, group, seq_len = key.shape[1], q_heads // key.shape[1], key.shape[2]
-    n_blocks = -(-seq_len // block_size)
-    q_blocks = n_blocks - (seq_len - n_queries) // block_size  # query blocks aligned to key blocks
+    kv_heads, group, n_keys = key.shape[1], q_heads // key.shape[1], key.shape[2]
+    n_blocks = cdiv(n_keys, block_size)
+    q_blocks = n_blocks - (n_keys - n_queries) // block_size  # query blocks aligned to key blocks
     tiles_per_kv_head = group * batch * q_blocks * n_blocks
     if tiles_per_kv_head >= LIMITS.max_table_tiles:
         raise ValueError(
@@ -203,17 +203,17 @@ def _dense_stats(
     q_heads: int,
     perm_heads: int,
     n_queries: int,
-    seq_len: int,
+    n_keys: int,
     block_size: int,
     device: torch.device,
 ) -> PBSStats:
-    n_blocks = -(-seq_len // block_size)
-    first_query_block = (seq_len - n_queries) // block_size if n_queries else n_blocks
+    n_blocks = cdiv(n_keys, block_size)
+    first_query_block = (n_keys - n_queries) // block_size if n_queries else n_blocks
     causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()[first_query_block:]
     tiles = causal.expand(batch, q_heads, *causal.shape).contiguous()
     return PBSStats(
         tiles=tiles,
-        key_positions=identity_permutation(batch, perm_heads, seq_len, device),
+        key_positions=identity_permutation(batch, perm_heads, n_keys, device),
         density=torch.ones(batch, q_heads, device=device),
         dense=True,
     )

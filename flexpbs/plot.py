@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flexpbs.tile_grid import density
+from flexpbs.tile_grid import cdiv, density
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -116,7 +116,7 @@ def tile_attention_mass(
     logits = (query.float() @ key.float().T) * scale
     causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, perm]
-    nb = -(-n // block_size)
+    nb = cdiv(n, block_size)
     pad = nb * block_size - n
     probs = torch.nn.functional.pad(probs, (0, pad, 0, pad))
     mass = probs.view(nb, block_size, nb, block_size).sum(dim=(1, 3))

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from flexpbs.config import PBSConfig
+from flexpbs.tile_grid import cdiv
 
 
 def _query_positions(n_queries: int, n: int) -> torch.Tensor:
@@ -117,7 +118,7 @@ def selection(
     kv_group = q_heads // key.shape[1]
     bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
     scale = config.scale if config.scale is not None else d**-0.5
-    n_blocks = -(-n // bs)
+    n_blocks = cdiv(n, bs)
     first_block = (n - n_queries) // bs
     positions = _query_positions(n_queries, n)
     tiles = torch.zeros(batch, q_heads, n_blocks - first_block, n_blocks, dtype=torch.bool)
@@ -158,7 +159,7 @@ def last_block(
     batch, heads, _ = importance_rows.shape
     n = perm.shape[-1]
     bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
-    n_blocks = -(-n // bs)
+    n_blocks = cdiv(n, bs)
     last_segment = (n_blocks - 1) // blocks_per_segment
     out = torch.zeros(batch, heads, n_blocks, dtype=torch.bool)
     candidates = [j for j in range(n_blocks) if j // blocks_per_segment < last_segment]
@@ -219,7 +220,7 @@ def pbs_attention(
     scale = config.scale if config.scale is not None else d**-0.5
     perm_heads = q_heads if config.gqa == "per_head" else key.shape[1]
     if n <= config.segment_size:
-        n_blocks = -(-n // config.block_size)
+        n_blocks = cdiv(n, config.block_size)
         first_block = (n - n_queries) // config.block_size
         causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()[first_block:]
         tiles = causal.repeat(batch, q_heads, 1, 1)

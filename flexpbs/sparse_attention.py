@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexpbs.block_mask import block_lists, causal_mask_mod
+from flexpbs.tile_grid import cdiv
 
 # Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
 # (CPU) table capacity; a limit this high keeps any mix of them compiled rather than eager, and the
@@ -150,7 +151,7 @@ def sparse_attention(
     lead = (n - n_queries) % block_size  # dummy rows aligning query blocks to key blocks
     q_total = lead + n_queries
     # whole blocks, and at least two query blocks: a length dimension of 1 would be specialised
-    q_pad = max(-(-q_total // block_size), 2) * block_size - q_total
+    q_pad = max(cdiv(q_total, block_size), 2) * block_size - q_total
     kv_pad = -n % block_size
     if lead or q_pad:
         query = F.pad(query, (0, 0, lead, q_pad))
@@ -209,7 +210,7 @@ def _folded_flex(
     lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
     per_row = max(x[0].numel() for x in (q_f, k_f, v_f, lists_f[1], lists_f[3])) + group * query.shape[2] * value_p.shape[-1]
     # nearly equal slices: a slice of one batch element would be a graph of its own (0/1 specialisation)
-    slices = -(-rows // max(1, _MAX_CALL_ELEMENTS // per_row))
+    slices = cdiv(rows, max(1, _MAX_CALL_ELEMENTS // per_row))
     outs = []
     for part in zip(*(x.tensor_split(slices) for x in (q_f, k_f, v_f, *lists_f, p_f))):
         # batch and lengths are dynamic; the position table's length only on CUDA

@@ -169,13 +169,13 @@ def _fallback_reason(
 ) -> str | None:
     """Why this call cannot run PBS (a key of FALLBACK_REASONS), or None when it may (a mask
     is then still to be recognised by :func:`_key_padding`)."""
-    q_len, seq_len = query.shape[2], key.shape[2]
+    q_len, n_keys = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or q_len > seq_len:
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or q_len > n_keys:
         return "unsupported"
-    if q_len < seq_len and (config.runs_dense(q_len) or attention_mask is None):
+    if q_len < n_keys and (config.runs_dense(q_len) or attention_mask is None):
         return "not_prefill"
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         return "mask"
@@ -185,7 +185,7 @@ def _fallback_reason(
         return "dropout"
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return "grad"
-    if config.runs_dense(seq_len):
+    if config.runs_dense(n_keys):
         return "short"
     return None
 
