@@ -30,8 +30,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=8192,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     fx.register(block_size=64, segment_size=128, threshold=args.threshold)
@@ -50,8 +56,10 @@ def main() -> None:
             seconds = time.perf_counter() - start
             graphs = counters["stats"]["unique_graphs"]
             err = (out - model(ids).logits).abs().max().item()
-            print(f"{n:6d} {bucket_length(n, 64):6d} {seconds:6.1f} s {frames.frame_count:8d} "
-                  f"{graphs:14d}  {err:.1e}")
+            print(
+                f"{n:6d} {bucket_length(n, 64):6d} {seconds:6.1f} s {frames.frame_count:8d} "
+                f"{graphs:14d}  {err:.1e}"
+            )
 
 
 if __name__ == "__main__":

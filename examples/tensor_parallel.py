@@ -1,6 +1,6 @@
 """Tensor-parallel prefill with flexpbs: heads split over processes by transformers' ``tp_plan="auto"``.
 
-    torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py            # GPUs (NCCL) or CPU (gloo)
+    torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py   # GPUs (NCCL) or CPU (gloo)
     torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py --model DIR --tokens 65536
 
 Every rank loads the model with ``tp_plan="auto"`` and ``attn_implementation="flexpbs"``: the q/k/v
@@ -33,8 +33,14 @@ def tiny_llama_dir() -> str:
     if dist.get_rank() == 0:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(
-            vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=32,
+            max_position_embeddings=4096,
         )
         transformers.LlamaForCausalLM(config).save_pretrained(path[0])
     dist.broadcast_object_list(path, src=0)
@@ -56,16 +62,24 @@ def verdict(results: dict, dtype: torch.dtype) -> list[str]:
     tol = (1e-5 if dtype == torch.float32 else 2e-2) * results["logit_scale"]
     same_density = all(r["density"] == r["single_process_density"] for r in results["ranks"])
     checks = [
-        ("threshold 1.0 equals SDPA", results["max_logit_diff_threshold_1_vs_sdpa"] <= tol,
-         f"max logit diff {results['max_logit_diff_threshold_1_vs_sdpa']:.2e} <= {tol:.2e}"),
-        (f"threshold {results['threshold']} equals one process", results["max_logit_diff_vs_single_process"] <= tol,
-         f"max logit diff {results['max_logit_diff_vs_single_process']:.2e} <= {tol:.2e}"),
+        (
+            "threshold 1.0 equals SDPA",
+            results["max_logit_diff_threshold_1_vs_sdpa"] <= tol,
+            f"max logit diff {results['max_logit_diff_threshold_1_vs_sdpa']:.2e} <= {tol:.2e}",
+        ),
+        (
+            f"threshold {results['threshold']} equals one process",
+            results["max_logit_diff_vs_single_process"] <= tol,
+            f"max logit diff {results['max_logit_diff_vs_single_process']:.2e} <= {tol:.2e}",
+        ),
         ("each rank's per-head density equals one process's", same_density, "exact"),
     ]
     return [f"{'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in checks]
 
 
-def prefill(model, ids: torch.Tensor, pbs: fx.FlexPBSAttention) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def prefill(
+    model, ids: torch.Tensor, pbs: fx.FlexPBSAttention
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Logits and the per-layer, per-head density ``{layer: [Hq_local]}`` of one prefill."""
     density: dict[int, torch.Tensor] = {}
     pbs.on_stats = lambda layer, stats: density.__setitem__(layer, stats.density[0].float().cpu())
@@ -96,8 +110,9 @@ def main() -> None:
     ids = torch.randint(vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(device)
 
     results: dict = {"world_size": world, "tokens": args.tokens, "threshold": args.threshold, "ranks": []}
-    tp = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="flexpbs",
-                                                           **tensor_parallel_kwargs()).eval()
+    tp = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="flexpbs", **tensor_parallel_kwargs()
+    ).eval()
     q_heads = tp.config.num_attention_heads
     local_heads = q_heads // world
     tp_logits, tp_density = {}, {}
@@ -117,16 +132,23 @@ def main() -> None:
         single.config.flexpbs = {"threshold": args.threshold}
         single_logits, single_density = prefill(single, ids, pbs)
         results["max_logit_diff_threshold_1_vs_sdpa"] = (tp_logits[1.0] - sdpa_logits).abs().max().item()
-        results["max_logit_diff_vs_single_process"] = (tp_logits[args.threshold] - single_logits).abs().max().item()
+        results["max_logit_diff_vs_single_process"] = (
+            (tp_logits[args.threshold] - single_logits).abs().max().item()
+        )
         results["logit_scale"] = sdpa_logits.abs().max().item()
         for entry in gathered:
             heads = slice(entry["rank"] * local_heads, (entry["rank"] + 1) * local_heads)
-            entry["single_process_density"] = {str(layer): d[heads].tolist() for layer, d in single_density.items()}
+            entry["single_process_density"] = {
+                str(layer): d[heads].tolist() for layer, d in single_density.items()
+            }
             results["ranks"].append(entry)
         lines = verdict(results, dtype)
         results["verdict"] = lines
         print("\n".join(lines))
-        print("tensor parallelism " + ("matches one process" if all(x.startswith("PASS") for x in lines) else "FAILED"))
+        print(
+            "tensor parallelism "
+            + ("matches one process" if all(x.startswith("PASS") for x in lines) else "FAILED")
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f)

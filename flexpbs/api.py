@@ -7,12 +7,11 @@ from typing import Any
 import torch
 
 from flexpbs.config import PBSConfig, PBSStats
-from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.dispatch import resolve
+from flexpbs.padding import check_valid_keys, padded_attention
 from flexpbs.pipeline import pbs_attention
-from flexpbs.validation import check_inputs
 from flexpbs.sparse_attention import check_block_size
-
+from flexpbs.validation import check_inputs
 
 
 def attention(
@@ -106,5 +105,3 @@ def _attention_op(
 @_attention_op.register_fake
 def _(query, key, value, valid_keys, config):
     return query.new_empty(*query.shape[:3], value.shape[-1])
-
-

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
-from flexpbs.permutation import block_last_positions
 from flexpbs.limits import LIMITS
+from flexpbs.permutation import block_last_positions
 from flexpbs.tile_grid import TileGrid, row_bands, tile_grid
 
 
@@ -61,7 +61,6 @@ def causal_mask_mod(positions: torch.Tensor, group: int) -> _mask_mod_signature:
         return positions[b, h // group, kv_idx] <= q_idx
 
     return causal_on_original_positions
-
 
 
 def _full_lists(full: torch.Tensor, bands: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

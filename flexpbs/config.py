@@ -121,9 +121,7 @@ class PBSConfig:
             if not 0.0 <= self.max_shrink < 1.0:  # also rejects NaN
                 raise ValueError(f"max_shrink must be in [0, 1) or None, got {self.max_shrink}")
             if self.key_order != "sorted":
-                raise ValueError(
-                    f"max_shrink needs key_order='sorted', got key_order={self.key_order!r}"
-                )
+                raise ValueError(f"max_shrink needs key_order='sorted', got key_order={self.key_order!r}")
         if not isinstance(self.exact_last_block, bool):
             raise TypeError(f"exact_last_block must be a bool, got {type(self.exact_last_block).__name__}")
         if self.backend not in BACKENDS:

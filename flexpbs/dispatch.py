@@ -64,8 +64,10 @@ def choose_backend(
     elif dtype not in (torch.float16, torch.bfloat16):
         reason = f"it needs float16 or bfloat16 inputs, got {dtype}"
     elif head_dim != value_dim or head_dim not in FLASH_HEAD_DIMS or block_size != 128:
-        reason = (f"it is checked for head dims {FLASH_HEAD_DIMS} (the same for values) and block_size 128 only, "
-                  f"got head dims {head_dim}/{value_dim} and block_size {block_size}")
+        reason = (
+            f"it is checked for head dims {FLASH_HEAD_DIMS} (the same for values) and block_size 128 only, "
+            f"got head dims {head_dim}/{value_dim} and block_size {block_size}"
+        )
     if requested == "flash":
         if reason is not None:
             raise ValueError(f"backend='flash' cannot run this call: {reason}")
@@ -100,8 +102,13 @@ def resolve(cfg: PBSConfig, query: torch.Tensor, value: torch.Tensor) -> PBSConf
     device_type = query.device.type
     capability = torch.cuda.get_device_capability(query.device) if device_type == "cuda" else None
     backend = choose_backend(
-        cfg.backend, device_type=device_type, capability=capability, dtype=query.dtype, head_dim=query.shape[-1],
-        value_dim=value.shape[-1], block_size=cfg.block_size,
+        cfg.backend,
+        device_type=device_type,
+        capability=capability,
+        dtype=query.dtype,
+        head_dim=query.shape[-1],
+        value_dim=value.shape[-1],
+        block_size=cfg.block_size,
         flash_installed=cfg.backend != "triton" and flash_importable(),
     )
     min_seq_len = cfg.min_seq_len

@@ -18,7 +18,6 @@ from einops import rearrange
 from flexpbs.limits import LIMITS
 
 
-
 def last_block_importance(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -79,9 +78,7 @@ def resolve_importance_kernel(kernel: str, device: torch.device) -> str:
     """
     if kernel == "torch":
         return "torch"
-    usable = _triton_importable() and (
-        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    )
+    usable = _triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
     if kernel == "triton" and not usable:
         raise ValueError(
             "importance_kernel='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 "
@@ -100,7 +97,7 @@ def key_importance(
     per_query_head: bool,
     kernel: str,
 ) -> torch.Tensor:
-    """:func:`last_block_importance` through the implementation ``kernel`` names (``"triton"`` or ``"torch"``)."""
+    """:func:`last_block_importance` through the implementation ``kernel`` names ("triton", "torch")."""
     if kernel == "triton":
         from flexpbs.kernels.importance import triton_last_block_importance as score
     else:

@@ -39,7 +39,11 @@ def last_block_tiles(
     # the row of the last query block (key block nb - 1); all candidates lie in complete segments
     candidates = candidate_tiles(n_blocks, block_size, segment_size, perm.device, n_blocks - 1)[0]
     at_slot = importance.double().gather(-1, perm[..., :n_complete])
-    mass = F.pad(at_slot, (0, n_blocks * block_size - n_complete)).view(batch, heads, n_blocks, block_size).sum(-1)
+    mass = (
+        F.pad(at_slot, (0, n_blocks * block_size - n_complete))
+        .view(batch, heads, n_blocks, block_size)
+        .sum(-1)
+    )
     mass = mass.masked_fill(~candidates, 0.0)
     probs = (mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)).float()
     return threshold_tiles(probs[:, :, None], candidates[None], threshold)[:, :, 0]

@@ -11,6 +11,7 @@ read on the host); sequences without padding run as one batch.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 
 from flexpbs.config import PBSConfig, PBSStats

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from flexpbs import head_guard
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dense import dense_causal_attention
-from flexpbs import head_guard
 from flexpbs.importance import key_importance, resolve_importance_kernel
 from flexpbs.last_block import last_block_tiles
 from flexpbs.limits import LIMITS
@@ -43,9 +43,7 @@ def pbs_attention(
         out = dense_causal_attention(query, key, value, softmax_scale)
         if not return_stats:
             return out
-        return out, _dense_stats(
-            batch, q_heads, perm_heads, n_queries, n_keys, cfg.block_size, query.device
-        )
+        return out, _dense_stats(batch, q_heads, perm_heads, n_queries, n_keys, cfg.block_size, query.device)
 
     heads_per_chunk = kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
     if heads_per_chunk == kv_heads:
@@ -156,7 +154,14 @@ def _pbs_heads(
         )
         tiles[:, :, -1] |= last_row.repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
     out = sparse_attention(
-        query, key_p, value_p, tiles, perm, block_size=cfg.block_size, segment_size=cfg.segment_size, scale=scale,
+        query,
+        key_p,
+        value_p,
+        tiles,
+        perm,
+        block_size=cfg.block_size,
+        segment_size=cfg.segment_size,
+        scale=scale,
         backend=cfg.backend,
     )
     return out, tiles, perm, sorted_rows
@@ -167,9 +172,10 @@ def kv_heads_per_chunk(
 ) -> int:
     """KV heads the pipeline processes together: all of them, unless the extra memory they need
     (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
-    ``max(LIMITS.min_chunk_bytes, LIMITS.chunk_share x the q/k/v bytes)`` (:mod:`flexpbs.limits`), or the chunk's tile table would reach
-    ``LIMITS.max_table_tiles`` (the kernel may index it with int32); then the largest divisor of Hkv
-    that fits both (one KV head at least, if only the memory budget is exceeded)."""
+    ``max(LIMITS.min_chunk_bytes, LIMITS.chunk_share x the q/k/v bytes)`` (:mod:`flexpbs.limits`), or
+    the chunk's tile table would reach ``LIMITS.max_table_tiles`` (the kernel may index it with int32);
+    then the largest divisor of Hkv that fits both (one KV head at least, if only the memory budget is
+    exceeded)."""
     batch, q_heads, n_queries, _ = query.shape
     kv_heads, group, n_keys = key.shape[1], q_heads // key.shape[1], key.shape[2]
     n_blocks = cdiv(n_keys, block_size)

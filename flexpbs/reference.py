@@ -107,9 +107,7 @@ def segment_sort(scores: torch.Tensor, n: int, segment_size: int) -> torch.Tenso
     return perm
 
 
-def selection(
-    query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config: PBSConfig
-) -> torch.Tensor:
+def selection(query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config: PBSConfig) -> torch.Tensor:
     """``[B, Hq, nbq, nb]`` bool tiles, one (batch, head, query block) at a time; query block i
     holds the queries whose positions lie in key block ``(N - Nq) // block_size + i``."""
     batch, q_heads, n_queries, d = query.shape
@@ -130,7 +128,9 @@ def selection(
             for i, kb in enumerate(range(first_block, n_blocks)):  # kb: the key block of query block i
                 in_block = positions // bs == kb
                 pooled_q = query[b, h][in_block].cpu().float().mean(dim=0)
-                candidates = [j for j in range(n_blocks) if j // blocks_per_segment < kb // blocks_per_segment]
+                candidates = [
+                    j for j in range(n_blocks) if j // blocks_per_segment < kb // blocks_per_segment
+                ]
                 chosen: list[int] = []
                 if candidates:
                     logits = torch.stack([pooled_q @ pooled_k[j] for j in candidates]) * scale
@@ -152,9 +152,7 @@ def selection(
     return tiles
 
 
-def last_block(
-    importance_rows: torch.Tensor, perm: torch.Tensor, config: PBSConfig
-) -> torch.Tensor:
+def last_block(importance_rows: torch.Tensor, perm: torch.Tensor, config: PBSConfig) -> torch.Tensor:
     """``[B, Hp, nb]`` bool: blocks the last query block keeps by exact mass, one row at a time."""
     batch, heads, _ = importance_rows.shape
     n = perm.shape[-1]
@@ -186,7 +184,7 @@ def last_block(
 def guard(
     tiles_sorted: torch.Tensor, tiles_original: torch.Tensor, perm_heads: int, max_shrink: float
 ) -> torch.Tensor:
-    """``[B, Hp]`` bool: row keeps the importance order (tile counts of its query heads, one row at a time)."""
+    """``[B, Hp]`` bool: row keeps the importance order (tile counts of its query heads, a row at a time)."""
     batch, q_heads = tiles_sorted.shape[:2]
     group = q_heads // perm_heads
     sorted_rows = torch.zeros(batch, perm_heads, dtype=torch.bool)
@@ -207,7 +205,8 @@ def pbs_attention(
     Args:
         query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill);
         key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``.
-        config: options (defaults if None); ``min_seq_len``, ``importance_kernel`` and ``backend`` are ignored.
+        config: options (defaults if None); ``min_seq_len``, ``importance_kernel`` and ``backend``
+            are ignored.
 
     Returns:
         ``(out [B, Hq, Nq, Dv] float32 CPU, tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64)``.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from flexpbs.permutation import block_first_positions
 from flexpbs.limits import LIMITS
+from flexpbs.permutation import block_first_positions
 from flexpbs.tile_grid import TileGrid, cdiv, row_bands, tile_grid
 
 
@@ -63,8 +63,15 @@ def candidate_tiles(
     Query block i lies in key block ``first_query_block + i`` (0 for prefill, the chunk's first
     key block for a chunk); nbq = nb - first_query_block.
     """
-    grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, n_blocks * block_size,
-                     block_size, segment_size, device)
+    grid = tile_grid(
+        n_blocks - first_query_block,
+        n_blocks,
+        first_query_block,
+        n_blocks * block_size,
+        block_size,
+        segment_size,
+        device,
+    )
     return _candidates(grid)
 
 
@@ -167,10 +174,19 @@ def forced_tiles(
         query (own-segment blocks wholly in its future would be fully masked).
     """
     n_blocks = cdiv(perm.shape[-1], block_size)
-    grid = tile_grid(n_blocks - first_query_block, n_blocks, first_query_block, perm.shape[-1],
-                     block_size, segment_size, perm.device)
+    grid = tile_grid(
+        n_blocks - first_query_block,
+        n_blocks,
+        first_query_block,
+        perm.shape[-1],
+        block_size,
+        segment_size,
+        perm.device,
+    )
     if out is None:
-        out = torch.zeros(*perm.shape[:2], grid.query_start.shape[0], n_blocks, dtype=torch.bool, device=perm.device)
+        out = torch.zeros(
+            *perm.shape[:2], grid.query_start.shape[0], n_blocks, dtype=torch.bool, device=perm.device
+        )
     _force_into(out, perm, block_size, grid)
     return out
 
@@ -219,7 +235,9 @@ def select_tiles(
     q_rows = _group_rows(pool_blocks(query, block_size, lead=offset % block_size), group)
     k_cols = pool_blocks(key_p, block_size).transpose(-1, -2)  # [B, Hp, D, nb]
     q_blocks, n_blocks = q_rows.shape[2] // group, k_cols.shape[-1]
-    grid = tile_grid(q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device)
+    grid = tile_grid(
+        q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device
+    )
     candidates = _candidates(grid)
 
     tiles = torch.zeros(batch, q_heads, q_blocks, n_blocks, dtype=torch.bool, device=query.device)
@@ -227,21 +245,29 @@ def select_tiles(
         tiles.copy_(candidates.expand(tiles.shape))
     else:
         # Rows (query block, head in group) of each KV head: a band is a slice, no copy per band.
-        by_rows = tiles.view(batch, perm_heads, group, q_blocks, n_blocks).transpose(2, 3)  # a view: written in place
+        by_rows = tiles.view(batch, perm_heads, group, q_blocks, n_blocks).transpose(
+            2, 3
+        )  # a view: written in place
         row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
         # once: bands slice them
         bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates, grid.columns)
-        for r0, r1, columns in row_bands(q_blocks, n_blocks, first_query_block, segment_size // block_size,
-                                         own_segment=False):
+        for r0, r1, columns in row_bands(
+            q_blocks, n_blocks, first_query_block, segment_size // block_size, own_segment=False
+        ):
             rows = slice(r0 * group, r1 * group)
-            per_head = batch * (r1 - r0) * group * columns * 20  # probs, sorted values, their sums, int64 order
+            per_head = (
+                batch * (r1 - r0) * group * columns * 20
+            )  # probs, sorted values, their sums, int64 order
             step = max(1, LIMITS.step_bytes // per_head)
             for h0 in range(0, perm_heads, step):
                 heads = slice(h0, h0 + step)
                 # every row of a band has a candidate: the first band starts in the second segment
-                probs = _candidate_softmax(q_rows[:, heads, rows], k_cols[:, heads, :, :columns],
-                                           bias[rows, :columns], scale)
+                probs = _candidate_softmax(
+                    q_rows[:, heads, rows], k_cols[:, heads, :, :columns], bias[rows, :columns], scale
+                )
                 out = by_rows[:, heads, r0:r1, :, :columns]
-                _threshold_into(out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold)
+                _threshold_into(
+                    out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold
+                )
     forced_tiles(perm, block_size, segment_size, first_query_block, out=tiles)
     return tiles

@@ -57,7 +57,12 @@ def _flex_call(
         compute_q_blocks=False,
     )
     return flex_attention(
-        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+        query,
+        key,
+        value,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
         kernel_options=kernel_options,
     )
 
@@ -91,7 +96,12 @@ def tuned_kernel_options(
     Args:
         capability: CUDA compute capability of the device, None off CUDA.
     """
-    if capability == (9, 0) and dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and block_size % 128 == 0:
+    if (
+        capability == (9, 0)
+        and dtype in (torch.bfloat16, torch.float16)
+        and head_dim == 128
+        and block_size % 128 == 0
+    ):
         return dict(SM90_KERNEL_OPTIONS)
     return None
 
@@ -117,7 +127,9 @@ def check_block_size(device: torch.device, block_size: int) -> None:
     """Raises ValueError when ``block_size`` is unsupported on ``device``: on CUDA it must be a
     multiple of 16, the smallest tile FlexAttention's GPU kernels step through a block in."""
     if device.type == "cuda" and block_size % 16:
-        raise ValueError(f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}")
+        raise ValueError(
+            f"block_size must be a multiple of 16 on CUDA (FlexAttention's GPU tiles), got {block_size}"
+        )
 
 
 def sparse_attention(
@@ -169,11 +181,16 @@ def sparse_attention(
     # original positions counted from query row 0, so the causal test is ``position <= q_idx``
     capacity = table_capacity(key_p.shape[2], query.device)
     positions = torch.full(
-        (*perm.shape[:2], capacity or key_p.shape[2]), _BEYOND_EVERY_QUERY, dtype=torch.int32, device=perm.device
+        (*perm.shape[:2], capacity or key_p.shape[2]),
+        _BEYOND_EVERY_QUERY,
+        dtype=torch.int32,
+        device=perm.device,
     )
     positions[..., : perm.shape[-1]] = perm - query_start
     kernel_options = _kernel_options(query, block_size, {"BACKEND": "FLASH"} if backend == "flash" else None)
-    out = _folded_flex(query, key_p, value_p, lists, positions, block_size, scale, kernel_options, capacity is None)
+    out = _folded_flex(
+        query, key_p, value_p, lists, positions, block_size, scale, kernel_options, capacity is None
+    )
     return out[:, :, lead:q_total] if lead or q_pad else out
 
 
@@ -208,18 +225,26 @@ def _folded_flex(
     q_f = _contiguous(query, (rows, group, *query.shape[2:]))
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
     lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
-    per_row = max(x[0].numel() for x in (q_f, k_f, v_f, lists_f[1], lists_f[3])) + group * query.shape[2] * value_p.shape[-1]
+    per_row = (
+        max(x[0].numel() for x in (q_f, k_f, v_f, lists_f[1], lists_f[3]))
+        + group * query.shape[2] * value_p.shape[-1]
+    )
     # nearly equal slices: a slice of one batch element would be a graph of its own (0/1 specialisation)
     slices = cdiv(rows, max(1, _MAX_CALL_ELEMENTS // per_row))
     outs = []
-    for part in zip(*(x.tensor_split(slices) for x in (q_f, k_f, v_f, *lists_f, p_f))):
+    for part in zip(*(x.tensor_split(slices) for x in (q_f, k_f, v_f, *lists_f, p_f)), strict=True):
         # batch and lengths are dynamic; the position table's length only on CUDA
         dynamic_dims = [(0, 2)] * 4 + [(0, 2, 3), (0, 2), (0, 2, 3), (0, 2) if dynamic_table else (0,)]
-        for x, dims in zip(part, dynamic_dims):
+        for x, dims in zip(part, dynamic_dims, strict=True):
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), fx_config.patch(use_duck_shape=False):
-            outs.append(compiled_flex_call(*part[:3], tuple(part[3:7]), part[7], block_size, scale, kernel_options))
+        with (
+            torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT),
+            fx_config.patch(use_duck_shape=False),
+        ):
+            outs.append(
+                compiled_flex_call(*part[:3], tuple(part[3:7]), part[7], block_size, scale, kernel_options)
+            )
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(batch, q_heads, *out.shape[2:])
 

@@ -30,7 +30,12 @@ class TileGrid(NamedTuple):
 
 
 def tile_grid(
-    q_blocks: int, n_blocks: int, first_query_block: int, n_keys: int, block_size: int, segment_size: int,
+    q_blocks: int,
+    n_blocks: int,
+    first_query_block: int,
+    n_keys: int,
+    block_size: int,
+    segment_size: int,
     device: torch.device,
 ) -> TileGrid:
     """The :class:`TileGrid` of ``q_blocks`` query blocks over ``n_blocks`` key blocks of ``n_keys`` keys.
@@ -46,7 +51,12 @@ def tile_grid(
 
 
 def build_tile_grid(
-    q_blocks: int, n_blocks: int, first_query_block: int, n_keys: int, block_size: int, segment_size: int,
+    q_blocks: int,
+    n_blocks: int,
+    first_query_block: int,
+    n_keys: int,
+    block_size: int,
+    segment_size: int,
     device: torch.device,
 ) -> TileGrid:
     """The :class:`TileGrid`, built anew (:func:`tile_grid` caches it)."""

@@ -20,14 +20,14 @@ def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | N
         ValueError: a rank, batch, length, head count, head dim or device that does not fit, or an
             input requiring grad with autograd enabled (inference only).
     """
-    tensors = {"query": query, "key": key, "value": value} if value is not None else {"query": query, "key": key}
+    tensors = (
+        {"query": query, "key": key, "value": value} if value is not None else {"query": query, "key": key}
+    )
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(
-                f"{name} must have shape [batch, heads, seq_len, head_dim], got {list(x.shape)}"
-            )
+            raise ValueError(f"{name} must have shape [batch, heads, seq_len, head_dim], got {list(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
         if x.requires_grad and torch.is_grad_enabled():

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from flexpbs.pipeline import pbs_attention
 from flexpbs.config import PBSConfig
+from flexpbs.pipeline import pbs_attention
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
 
 
@@ -59,8 +59,12 @@ def warmup(
     """
     # the sparse path, whatever length the options send to dense attention
     cfg = dataclasses.replace(PBSConfig.resolve(config, options), min_seq_len=None)
-    for name, value in (("query_heads", query_heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
-                        ("batch", batch)):
+    for name, value in (
+        ("query_heads", query_heads),
+        ("kv_heads", kv_heads),
+        ("head_dim", head_dim),
+        ("batch", batch),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if query_heads % kv_heads:

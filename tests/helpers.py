@@ -63,9 +63,9 @@ def cases(draw, max_len: int = 1100, sharp: bool = False) -> Case:
     seq_len = draw(
         st.one_of(
             st.integers(1, max_len),
-            st.sampled_from([segment, segment + 1, 2 * segment - 1, 2 * segment, 2 * segment + block + 1]).filter(
-                lambda n: n <= max_len
-            ),
+            st.sampled_from(
+                [segment, segment + 1, 2 * segment - 1, 2 * segment, 2 * segment + block + 1]
+            ).filter(lambda n: n <= max_len),
         )
     )
     return Case(
@@ -98,15 +98,19 @@ def chunk_cases(draw, max_len: int = 1100, sharp: bool = False) -> tuple[Case, i
     return case, n_queries
 
 
-def pooled_block_probs(q: torch.Tensor, k_p: torch.Tensor, candidates: torch.Tensor, block_size: int, scale: float):
+def pooled_block_probs(
+    q: torch.Tensor, k_p: torch.Tensor, candidates: torch.Tensor, block_size: int, scale: float
+):
     """``[B, Hq, nbq, nb]`` float32: softmax over the candidate key blocks of the mean-pooled logits
     (prefill), 0 off the candidates and on rows without any; written plainly, for the selection tests."""
+
     def pool(x):
         n = x.shape[2]
         blocks = torch.nn.functional.pad(x.float(), (0, 0, 0, -n % block_size)).unflatten(2, (-1, block_size))
         counts = torch.full((blocks.shape[2], 1), float(block_size))
         counts[-1] = n - (blocks.shape[2] - 1) * block_size
         return blocks.sum(3) / counts
+
     group = q.shape[1] // k_p.shape[1]
     logits = pool(q) @ pool(k_p).repeat_interleave(group, dim=1).transpose(-1, -2) * scale
     probs = logits.masked_fill(~candidates, float("-inf")).softmax(-1)

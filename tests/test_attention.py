@@ -8,9 +8,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
 from flexpbs import PBSConfig, reference
-from flexpbs.pipeline import kv_heads_per_chunk
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
+from flexpbs.pipeline import kv_heads_per_chunk
 from tests.helpers import Case, cases, make_qkv, sdpa_causal
 
 FP32_ATOL = 3e-5
@@ -27,8 +27,14 @@ def assert_sparse(stats):
 def test_threshold_one_equals_dense_causal_attention(case, gqa):
     q, k, v = make_qkv(case)
     out, stats = flexpbs.attention(
-        q, k, v, block_size=case.block_size, segment_size=case.segment_size,
-        threshold=1.0, gqa=gqa, return_stats=True,
+        q,
+        k,
+        v,
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=1.0,
+        gqa=gqa,
+        return_stats=True,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
@@ -54,9 +60,7 @@ def assert_same_permutation_up_to_ties(perm, want, importance):
 )
 def test_any_threshold_equals_the_reference(case, threshold, gqa):
     q, k, v = make_qkv(case)
-    cfg = PBSConfig(
-        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa
-    )
+    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa)
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     if case.seq_len > case.segment_size:
         imp = reference.importance(q, k, cfg)
@@ -88,8 +92,14 @@ def test_eager_and_compiled_flex_agree(case, threshold, gqa):
     """Uncompiled flex ignores block lists: it must see the same mask through the mask_mod."""
     q, k, v = make_qkv(case)
     out, stats = flexpbs.attention(
-        q, k, v, block_size=case.block_size, segment_size=case.segment_size,
-        threshold=threshold, gqa=gqa, return_stats=True,
+        q,
+        k,
+        v,
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=threshold,
+        gqa=gqa,
+        return_stats=True,
     )
     assert_sparse(stats)
     k_p, v_p = permute_kv(k, v, stats.key_positions)
@@ -159,23 +169,27 @@ def test_empty_sequence():
 @given(case=cases(sharp=True), threshold=st.sampled_from([0.5, 0.9, 1.0]))
 def test_without_permutation_is_the_same_selector_on_the_original_order(case, threshold):
     q, k, v = make_qkv(case)
-    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size,
-                    threshold=threshold, key_order="original")
+    cfg = PBSConfig(
+        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, key_order="original"
+    )
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     identity = torch.arange(case.seq_len).expand(case.batch, case.kv_heads, -1)
     assert torch.equal(stats.key_positions, identity) and stats.importance_kernel is None
     if not stats.dense:
         assert torch.equal(stats.tiles, reference.selection(q, k, identity, cfg))
     mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size)
-    torch.testing.assert_close(out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5),
-                               rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(
+        out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5), rtol=0, atol=FP32_ATOL
+    )
     if threshold == 1.0:
         torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize("gqa", ["shared", "per_head"])
 def test_head_chunks_bounding_memory_give_the_same_result(gqa):
-    case = Case(batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3)
+    case = Case(
+        batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3
+    )
     q, k, v = make_qkv(case)
     cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, gqa=gqa)
     whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
@@ -189,7 +203,9 @@ def test_head_chunks_bounding_memory_give_the_same_result(gqa):
 
 
 def test_tile_tables_stay_within_int32_indexing():
-    case = Case(batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4)
+    case = Case(
+        batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4
+    )
     q, k, v = make_qkv(case)
     tiles_per_kv_head = 2 * 11 * 11
     with flexpbs.limits.override(max_table_tiles=2 * tiles_per_kv_head + 1):  # two KV heads fit, four do not

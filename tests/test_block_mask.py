@@ -158,7 +158,11 @@ def test_gpu_kernel_tiles_divide_the_block_size():
     assert flex_kernel_options("cuda", 128, None) is None
     assert flex_kernel_options("cuda", 256, {"num_warps": 8}) == {"num_warps": 8}
     assert flex_kernel_options("cuda", 64, None) == {"BLOCK_M": 64, "BLOCK_N": 64}
-    assert flex_kernel_options("cuda", 96, {"num_stages": 2}) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2}
+    assert flex_kernel_options("cuda", 96, {"num_stages": 2}) == {
+        "BLOCK_M": 32,
+        "BLOCK_N": 32,
+        "num_stages": 2,
+    }
     assert flex_kernel_options("cuda", 64, {"BLOCK_M": 32}) == {"BLOCK_M": 32, "BLOCK_N": 64}
     assert flex_kernel_options("cpu", 8, None) is None
     with pytest.raises(ValueError, match="block_size must be a multiple of 16"):
@@ -166,7 +170,11 @@ def test_gpu_kernel_tiles_divide_the_block_size():
     # a default applies only when the caller gives no options, and gets tiles that divide the block
     assert flex_kernel_options("cuda", 128, None, {"num_warps": 8}) == {"num_warps": 8}
     assert flex_kernel_options("cuda", 128, {"num_stages": 2}, {"num_warps": 8}) == {"num_stages": 2}
-    assert flex_kernel_options("cuda", 64, None, {"num_warps": 8}) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
+    assert flex_kernel_options("cuda", 64, None, {"num_warps": 8}) == {
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "num_warps": 8,
+    }
 
 
 def test_tuned_kernel_options_only_where_measured():

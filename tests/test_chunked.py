@@ -11,9 +11,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import flexpbs
 from flexpbs import PBSConfig, reference
-from flexpbs.pipeline import kv_heads_per_chunk
 from flexpbs.block_mask import build_block_mask
 from flexpbs.permutation import permute_kv
+from flexpbs.pipeline import kv_heads_per_chunk
 from tests.helpers import Case, chunk_cases, make_qkv, sdpa_causal
 from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
 
@@ -40,9 +40,7 @@ def test_chunk_equals_dense_at_one_and_the_reference_at_any_threshold(chunk, thr
     """Both calls share one compiled graph: the tile tables change values, not shapes."""
     case, n_queries = chunk
     q, k, v = chunk_of(case, n_queries)
-    cfg = PBSConfig(
-        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa
-    )
+    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa)
     dense_out, dense_stats = flexpbs.attention(
         q, k, v, config=dataclasses.replace(cfg, threshold=1.0), return_stats=True
     )
@@ -84,8 +82,13 @@ def test_chunk_equals_dense_at_one_and_the_reference_at_any_threshold(chunk, thr
 def test_chunk_starting_on_a_block_boundary_is_the_tail_of_the_full_prefill(case, start, threshold, gqa):
     """At any threshold: same importance rows (the last block_size queries), same query blocks."""
     q, k, v = make_qkv(case)
-    opts = dict(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold,
-                gqa=gqa, return_stats=True)
+    opts = dict(
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=threshold,
+        gqa=gqa,
+        return_stats=True,
+    )
     full, full_stats = flexpbs.attention(q, k, v, **opts)
     out, stats = flexpbs.attention(q[:, :, start:], k, v, **opts)
     causal = causal_rectangle_tiles(case.seq_len - start, case.seq_len, case.block_size)
@@ -123,8 +126,14 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
     """The mask_mod alone (eager flex) states the same mask as the block lists (compiled)."""
     q, k, v = chunk_of(case, n_queries)
     out, stats = flexpbs.attention(
-        q, k, v, block_size=case.block_size, segment_size=case.segment_size,
-        threshold=threshold, gqa=gqa, return_stats=True,
+        q,
+        k,
+        v,
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=threshold,
+        gqa=gqa,
+        return_stats=True,
     )
     offset = case.seq_len - n_queries
     lead = offset % case.block_size
@@ -139,7 +148,9 @@ def test_eager_and_compiled_flex_agree_on_chunks(case, n_queries, threshold, gqa
 
 def test_head_chunks_of_a_chunk_give_the_same_result():
     """The memory-bounding head chunks size tile tables and outputs by (Nq, N)."""
-    case = Case(batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3)
+    case = Case(
+        batch=2, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=3
+    )
     q, k, v = chunk_of(case, 400)
     cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8)
     whole, whole_stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)

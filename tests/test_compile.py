@@ -23,8 +23,18 @@ def test_after_one_call_at_4096_shorter_lengths_and_chunks_compile_nothing():
     flexpbs.attention(*chunk(4096, 4096, seed=0), threshold=0.8)
     flexpbs.attention(*chunk(128, 3000, seed=0), threshold=0.8)  # a table of one KV head's rows: batch 1
     before = graphs()
-    for seed, (q_len, n) in enumerate([(3000, 3000), (3500, 3500), (2600, 2600), (1024, 3000), (777, 3333),
-                                       (2, 4096), (2049, 2049), (300, 1000)]):
+    for seed, (q_len, n) in enumerate(
+        [
+            (3000, 3000),
+            (3500, 3500),
+            (2600, 2600),
+            (1024, 3000),
+            (777, 3333),
+            (2, 4096),
+            (2049, 2049),
+            (300, 1000),
+        ]
+    ):
         q, k, v = chunk(q_len, n, seed)
         out, stats = flexpbs.attention(q, k, v, threshold=0.8, return_stats=True)
         assert not stats.dense
@@ -63,7 +73,9 @@ def test_the_users_compiled_flex_attention_keeps_its_recompile_budget():
     user_flex = torch.compile(flex_attention, dynamic=False)
     for n in (256, 384):
         q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
-        causal = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cpu")
+        causal = create_block_mask(
+            lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cpu"
+        )
         before = graphs()
         out = user_flex(q, k, v, block_mask=causal)
         assert graphs() == before + 1  # compiled, not fallen back to eager

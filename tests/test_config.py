@@ -1,11 +1,12 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import flexpbs
-from flexpbs.dispatch import BREAK_EVEN, FALLBACK_BREAK_EVEN, break_even, choose_backend
 from flexpbs import PBSConfig
+from flexpbs.dispatch import BREAK_EVEN, FALLBACK_BREAK_EVEN, break_even, choose_backend
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,7 @@ def test_config_rejects_bad_options(kwargs, error, name):
 def test_config_is_frozen_and_defaults_match_paper():
     cfg = PBSConfig()
     assert (cfg.block_size, cfg.segment_size, cfg.threshold, cfg.gqa) == (128, 256, 0.9, "shared")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.threshold = 0.5  # type: ignore[misc]
 
 
@@ -99,8 +100,15 @@ def test_flash_backend_rejects_what_it_cannot_run(dtype, head_dim, block_size, m
         flexpbs.attention(q, q, q, backend="flash", block_size=block_size)
 
 
-FACTS = dict(device_type="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128, value_dim=128,
-             block_size=128, flash_installed=True)
+FACTS = dict(
+    device_type="cuda",
+    capability=(9, 0),
+    dtype=torch.bfloat16,
+    head_dim=128,
+    value_dim=128,
+    block_size=128,
+    flash_installed=True,
+)
 
 
 @pytest.mark.parametrize(

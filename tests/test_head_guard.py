@@ -106,6 +106,7 @@ def test_a_row_whose_selection_shrinks_reverts_to_the_original_order():
 def test_guard_runs_inside_torch_compile():
     q, k, v = hot_key_qkv()
     options = dict(block_size=64, segment_size=128, threshold=0.8, max_shrink=0.0)
-    compiled = torch.compile(lambda q, k, v: flexpbs.attention(q, k, v, **options), fullgraph=True,
-                             backend="eager")
+    compiled = torch.compile(
+        lambda q, k, v: flexpbs.attention(q, k, v, **options), fullgraph=True, backend="eager"
+    )
     torch.testing.assert_close(compiled(q, k, v), flexpbs.attention(q, k, v, **options), rtol=0, atol=0)

@@ -8,7 +8,6 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -113,15 +112,18 @@ def test_non_positive_scale(scale):
 @pytest.mark.parametrize("per_query_head", [False, True])
 def test_chunk_queries_fewer_than_keys(n_queries, per_query_head):
     # A chunk: the last n_queries queries score every complete segment of the 213 keys.
-    case = Case(batch=2, kv_heads=2, group=2, seq_len=213, head_dim=32, block_size=24, segment_size=40, seed=5)
+    case = Case(
+        batch=2, kv_heads=2, group=2, seq_len=213, head_dim=32, block_size=24, segment_size=40, seed=5
+    )
     q, k = _inputs(case, torch.float32)
     q = q[:, :, 213 - n_queries :]
     got, want = _both(q, k, case, per_query_head)
     assert got.shape[-1] == 200
     torch.testing.assert_close(got, want, **TOL)
-    # the fake kernel agrees on the shape
-    fake = kernel_module._importance_op_fake(q, k, 24, 40, 0.2, per_query_head)
-    assert fake.shape == got.shape
+    # the op's fake kernel (what torch.compile and meta tensors see) agrees on the shape
+    args = dict(block_size=24, segment_size=40, scale=0.2, per_query_head=per_query_head)
+    fake = kernel_module.triton_last_block_importance(q.to("meta"), k.to("meta"), **args)
+    assert fake.shape == got.shape and fake.dtype == got.dtype
 
 
 def test_strided_inputs():
@@ -174,8 +176,17 @@ def test_rejects_bad_inputs(q_shape, k_shape, dtypes, error):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_pipeline_with_the_triton_kernel_equals_the_torch_path(seq_len, group, gqa, seed):
-    case = Case(batch=1, kv_heads=2, group=group, seq_len=seq_len, head_dim=16, block_size=32,
-                segment_size=64, seed=seed, sharpness=3.0)
+    case = Case(
+        batch=1,
+        kv_heads=2,
+        group=group,
+        seq_len=seq_len,
+        head_dim=16,
+        block_size=32,
+        segment_size=64,
+        seed=seed,
+        sharpness=3.0,
+    )
     q, k = _inputs(case, torch.float32)
     v = torch.randn_like(k)
     opts = dict(block_size=32, segment_size=64, threshold=0.7, gqa=gqa, return_stats=True)
@@ -183,7 +194,9 @@ def test_pipeline_with_the_triton_kernel_equals_the_torch_path(seq_len, group, g
     out_r, st_r = flexpbs.attention(q, k, v, importance_kernel="torch", **opts)
     assert (st_t.importance_kernel, st_r.importance_kernel) == ("triton", "torch")
     n_complete = seq_len // 64 * 64
-    imp = last_block_importance(q, k, block_size=32, segment_size=64, scale=0.25, per_query_head=gqa == "per_head")
+    imp = last_block_importance(
+        q, k, block_size=32, segment_size=64, scale=0.25, per_query_head=gqa == "per_head"
+    )
     # identical permutations, except where importances tie to float32 rounding
     got = imp.gather(-1, st_t.key_positions[..., :n_complete])
     want = imp.gather(-1, st_r.key_positions[..., :n_complete])

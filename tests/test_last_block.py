@@ -24,8 +24,9 @@ FP32_ATOL = 3e-5
     threshold=st.sampled_from([0.3, 0.8, 0.9, 1.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_last_block_tiles_match_reference(batch, heads, block, blocks_per_segment, n_segments, tail,
-                                          threshold, seed):
+def test_last_block_tiles_match_reference(
+    batch, heads, block, blocks_per_segment, n_segments, tail, threshold, seed
+):
     segment = block * blocks_per_segment
     tail = tail % segment
     n_complete = segment * n_segments
@@ -53,8 +54,9 @@ def test_last_block_tiles_match_reference(batch, heads, block, blocks_per_segmen
 )
 def test_exact_last_block_equals_the_reference_and_only_adds_last_row_tiles(case, threshold, gqa, mode):
     q, k, v = make_qkv(case)
-    options = dict(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa,
-                   **mode)
+    options = dict(
+        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa, **mode
+    )
     out, stats = flexpbs.attention(q, k, v, **options, exact_last_block=True, return_stats=True)
     _, without = flexpbs.attention(q, k, v, **options, return_stats=True)
     assert torch.equal(stats.key_positions, without.key_positions)
@@ -70,8 +72,9 @@ def test_exact_last_block_equals_the_reference_and_only_adds_last_row_tiles(case
         want[..., -1, :] |= rows.repeat_interleave(group, dim=1)
         assert torch.equal(stats.tiles, want)
     mask = reference.token_mask(stats.tiles, stats.key_positions, case.block_size)
-    torch.testing.assert_close(out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5),
-                               rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(
+        out, reference.masked_attention(q, k, v, mask, case.head_dim**-0.5), rtol=0, atol=FP32_ATOL
+    )
     if threshold == 1.0:
         torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=FP32_ATOL)
 
@@ -95,8 +98,11 @@ def test_options_on_a_chunk_equal_the_reference():
 
     q, k, v = hot_key_qkv()
     q = q[:, :, -300:]
-    for mode in (dict(max_shrink=0.0), dict(max_shrink=0.0, exact_last_block=True),
-                 dict(key_order="original", exact_last_block=True)):
+    for mode in (
+        dict(max_shrink=0.0),
+        dict(max_shrink=0.0, exact_last_block=True),
+        dict(key_order="original", exact_last_block=True),
+    ):
         cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.8, **mode)
         out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
         ref_out, ref_tiles, ref_perm = reference.pbs_attention(q, k, v, cfg)

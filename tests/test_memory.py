@@ -61,7 +61,9 @@ def test_eager_stages_allocate_only_linear_tensors():
     q, k, v = inputs()
     scale = 16**-0.5
     with LargestTensor() as seen:
-        imp = last_block_importance(q, k, block_size=BLOCK, segment_size=SEGMENT, scale=scale, per_query_head=False)
+        imp = last_block_importance(
+            q, k, block_size=BLOCK, segment_size=SEGMENT, scale=scale, per_query_head=False
+        )
         perm = segment_permutation(imp, N, SEGMENT)
         k_p, v_p = permute_kv(k, v, perm)
         tiles = select_tiles(q, k_p, perm, block_size=BLOCK, segment_size=SEGMENT, threshold=0.9, scale=scale)
@@ -98,10 +100,10 @@ def resident_checks() -> None:
     # the probe sees one (give or take pages freed meanwhile)
     assert peak_resident_growth(lambda: torch.ones(N, N, dtype=torch.bool)) > token_square * 3 // 4
     for gqa in ("shared", "per_head"):
-        for n in (N, N - 192):  # a bucket length, and one that pads
+        for n in (N, N - 192):  # whole blocks, and a partial last block (padded)
             q, k, v = inputs(n)
             flexpbs.attention(q, k, v, gqa=gqa)
-            growth = peak_resident_growth(lambda: flexpbs.attention(q, k, v, gqa=gqa))
+            growth = peak_resident_growth(lambda q=q, k=k, v=v, gqa=gqa: flexpbs.attention(q, k, v, gqa=gqa))
             # Smaller allocations may reuse freed heap memory and are undercounted (seen: 0 to 0.4 N * N):
             # only the absence of a token square is asserted.
             assert growth < token_square // 2, (gqa, n, growth)
@@ -111,8 +113,14 @@ def test_a_call_never_holds_a_token_square():
     # A fresh process: after other tests, freed heap pages can absorb even the positive control.
     code = "from tests.test_memory import resident_checks; resident_checks()"
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(root)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -124,5 +132,12 @@ def test_at_512k_tokens_nothing_exceeds_the_output_and_the_extra_stays_within_a_
     out_bytes = q_heads * n * d * 2
     qkv_bytes = (q_heads + 2 * kv_heads) * n * d * 2
     assert max(size for size, _, _ in seen.largest) == out_bytes  # the output is the largest tensor
-    assert set(stages) >= {"importance", "permutation", "gather K/V", "selection", "block mask", "mask + attention"}
+    assert set(stages) >= {
+        "importance",
+        "permutation",
+        "gather K/V",
+        "selection",
+        "block mask",
+        "mask + attention",
+    }
     assert peak - out_bytes <= qkv_bytes // 4, (peak - out_bytes) / qkv_bytes  # the memory goal of issue 7

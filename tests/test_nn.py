@@ -18,8 +18,17 @@ OPTIONS = dict(block_size=64, segment_size=128, threshold=0.9)
 
 
 def qkv(seq_len, seed=0):
-    case = Case(batch=1, kv_heads=2, group=2, seq_len=seq_len, head_dim=32, block_size=64,
-                segment_size=128, seed=seed, sharpness=3.0)
+    case = Case(
+        batch=1,
+        kv_heads=2,
+        group=2,
+        seq_len=seq_len,
+        head_dim=32,
+        block_size=64,
+        segment_size=128,
+        seed=seed,
+        sharpness=3.0,
+    )
     return make_qkv(case)
 
 
@@ -34,7 +43,9 @@ def test_module_equals_function():
     valid = torch.ones(1, 600, dtype=torch.bool)
     valid[0, :10] = False
     chunk = q[:, :, 300:]
-    assert torch.equal(module(chunk, k, v, valid), flexpbs.attention(chunk, k, v, valid_keys=valid, **OPTIONS))
+    assert torch.equal(
+        module(chunk, k, v, valid), flexpbs.attention(chunk, k, v, valid_keys=valid, **OPTIONS)
+    )
     assert "threshold=0.9" in repr(module)
 
 
@@ -76,11 +87,14 @@ def test_module_compiles_fullgraph_and_stays_shape_generic():
 def test_attention_function_compiles_fullgraph_over_lengths():
     """flexpbs.attention itself is the custom op flexpbs::attention under compile: no graph break."""
     counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(lambda q, k, v: flexpbs.attention(q, k, v, **OPTIONS), fullgraph=True,
-                             backend=counter)
+    compiled = torch.compile(
+        lambda q, k, v: flexpbs.attention(q, k, v, **OPTIONS), fullgraph=True, backend=counter
+    )
     for seq_len in (600, 700, 650):
         q, k, v = qkv(seq_len, seed=seq_len)
-        torch.testing.assert_close(compiled(q, k, v), flexpbs.attention(q, k, v, **OPTIONS), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            compiled(q, k, v), flexpbs.attention(q, k, v, **OPTIONS), rtol=0, atol=1e-5
+        )
     assert counter.frame_count == 2  # static, then shape-generic
 
 
@@ -89,7 +103,8 @@ def test_custom_op_takes_chunks_and_valid_keys_under_compile():
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(
         lambda q, k, v, valid: flexpbs.attention(q, k, v, valid_keys=valid, **OPTIONS),
-        fullgraph=True, backend=counter,
+        fullgraph=True,
+        backend=counter,
     )
     q, k, v = qkv(600, seed=3)
     q = q[:, :, 300:]  # a chunk: the last 300 of 600 positions
@@ -97,7 +112,9 @@ def test_custom_op_takes_chunks_and_valid_keys_under_compile():
     valid[0, :50] = False  # left padding
     got = compiled(q, k, v, valid)
     assert counter.frame_count == 1 and got.shape == q.shape
-    torch.testing.assert_close(got, flexpbs.attention(q, k, v, valid_keys=valid, **OPTIONS), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        got, flexpbs.attention(q, k, v, valid_keys=valid, **OPTIONS), rtol=0, atol=1e-6
+    )
 
 
 def test_stats_are_refused_inside_compile():

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 import flexpbs
 from bench.checks import (
-    FP32_EPS, REL_TOL, check_rows, check_stats, finite_tile_rows, reference_rows, sample_rows,
+    FP32_EPS,
+    REL_TOL,
+    check_rows,
+    check_stats,
+    finite_tile_rows,
+    reference_rows,
+    sample_rows,
 )
 from flexpbs import PBSConfig, reference
 from tests.helpers import Case, make_qkv
@@ -41,7 +47,9 @@ def assert_matches_oracle(q, k, v, out, stats, cfg):
     """Finite output, the oracle's selection and permutation, and the oracle's output within tolerance."""
     assert out.dtype == q.dtype and out.isfinite().all()
     imp = reference.importance(q, k, cfg)
-    assert_same_permutation_up_to_ties(stats.key_positions, reference.segment_sort(imp, q.shape[2], cfg.segment_size), imp)
+    assert_same_permutation_up_to_ties(
+        stats.key_positions, reference.segment_sort(imp, q.shape[2], cfg.segment_size), imp
+    )
     assert torch.equal(stats.tiles, reference.selection(q, k, stats.key_positions, cfg))
     mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
     want = reference.masked_attention(q, k, v, mask, q.shape[-1] ** -0.5)
@@ -65,7 +73,9 @@ def with_outliers(x: torch.Tensor, channels: list[int], gain: float) -> torch.Te
     seq_len=st.integers(897, 1024),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_large_magnitude_inputs_stay_finite_and_exact(dtype, magnitude, n_outliers, gain, threshold, seq_len, seed):
+def test_large_magnitude_inputs_stay_finite_and_exact(
+    dtype, magnitude, n_outliers, gain, threshold, seq_len, seed
+):
     """q/k/v scaled by up to 1e3, a few channels up to 100x more: logits reach ~1e10 in float32."""
     q, k, v = make_qkv(shape(seq_len, seed))
     channels = [3, 17, 40, 61][:n_outliers]
@@ -77,7 +87,9 @@ def test_large_magnitude_inputs_stay_finite_and_exact(dtype, magnitude, n_outlie
 
 
 @settings(max_examples=5)
-@given(n_outliers=st.sampled_from([0, 2]), threshold=st.sampled_from([0.5, 0.9]), seed=st.integers(0, 2**31 - 1))
+@given(
+    n_outliers=st.sampled_from([0, 2]), threshold=st.sampled_from([0.5, 0.9]), seed=st.integers(0, 2**31 - 1)
+)
 def test_float16_logits_beyond_float16_range(n_outliers, threshold, seed):
     """float16 q/k near the top of float16's range: a float16 q @ k^T would overflow to inf; flexpbs
     accumulates in float32 and stays within tolerance. v scaled by 1e3 (the output stays in range)."""
@@ -111,7 +123,9 @@ def test_attention_sink_with_near_one_hot_rows(dtype, sink_logit):
     assert stats.tiles.gather(-1, sink_block).all()
     assert_matches_oracle(q, k, v, out, stats, cfg)
     v0 = v[:, :, :1].float().repeat_interleave(2, dim=1)
-    torch.testing.assert_close(out.float(), v0.expand_as(out), rtol=0, atol=REL_TOL[dtype] * v.float().abs().max().item())
+    torch.testing.assert_close(
+        out.float(), v0.expand_as(out), rtol=0, atol=REL_TOL[dtype] * v.float().abs().max().item()
+    )
 
 
 def test_needle_far_back_is_selected():
@@ -172,7 +186,9 @@ def test_non_finite_input_contract(target, bad, position, kv_head, gqa, seed):
     ok = finite_tile_rows(q2, k2, v2, stats, cfg.block_size)
     assert ok[:, 2 - 2 * kv_head : 4 - 2 * kv_head].all()  # the other KV group is clean
     mask = reference.token_mask(stats.tiles, stats.key_positions, cfg.block_size)
-    want = reference.masked_attention(q2.nan_to_num(0, 0, 0), k2.nan_to_num(0, 0, 0), v2.nan_to_num(0, 0, 0), mask, 64**-0.5)
+    want = reference.masked_attention(
+        q2.nan_to_num(0, 0, 0), k2.nan_to_num(0, 0, 0), v2.nan_to_num(0, 0, 0), mask, 64**-0.5
+    )
     torch.testing.assert_close(out[ok], want[ok], rtol=0, atol=3e-5)
     # the other KV group (query heads 2 - 2 * kv_head .. +1) never sees the bad element
     other = slice(2 - 2 * kv_head, 4 - 2 * kv_head)
@@ -192,7 +208,9 @@ def test_sampled_row_oracle_of_the_gpu_scripts_agrees_with_the_dense_oracle():
     dense = reference.masked_attention(q, k, v, mask, 64**-0.5)
     rows = sample_rows(1000, cfg.block_size, cfg.segment_size)
     for b, h in [(0, 0), (1, 3)]:
-        want, tol = reference_rows(q, k, v, stats.tiles, stats.key_positions, cfg.block_size, 64**-0.5, b, h, rows)
+        want, tol = reference_rows(
+            q, k, v, stats.tiles, stats.key_positions, cfg.block_size, 64**-0.5, b, h, rows
+        )
         torch.testing.assert_close(want, dense[b, h, rows], rtol=0, atol=1e-5)
         assert (tol > 0).all()
     assert check_rows(q, k, v, out, stats, cfg, [(0, 0), (1, 3)], rows)["bad"] == 0

@@ -10,8 +10,17 @@ from tests.helpers import Case, make_qkv, sdpa_causal
 from tests.test_attention import FP32_ATOL
 
 # Few shapes: every compacted length is a new FlexAttention graph on CPU.
-CASE = Case(batch=3, kv_heads=2, group=2, seq_len=520, head_dim=16, block_size=64, segment_size=128,
-            seed=0, sharpness=3.0)
+CASE = Case(
+    batch=3,
+    kv_heads=2,
+    group=2,
+    seq_len=520,
+    head_dim=16,
+    block_size=64,
+    segment_size=128,
+    seed=0,
+    sharpness=3.0,
+)
 
 
 @st.composite
@@ -49,8 +58,13 @@ def unpadded_calls(q, k, v, valid, **options):
     stats = []
     for b in range(q.shape[0]):
         real_q = valid[b, n - n_q :]
-        o, s = flexpbs.attention(q[b : b + 1][:, :, real_q], k[b : b + 1][:, :, valid[b]],
-                                 v[b : b + 1][:, :, valid[b]], return_stats=True, **options)
+        o, s = flexpbs.attention(
+            q[b : b + 1][:, :, real_q],
+            k[b : b + 1][:, :, valid[b]],
+            v[b : b + 1][:, :, valid[b]],
+            return_stats=True,
+            **options,
+        )
         out[b][:, real_q] = o[0]
         stats.append(s)
     return out, stats
@@ -74,14 +88,16 @@ def test_padded_batch_equals_unpadded_calls_per_sequence(data, n_queries, thresh
     padded_rows = ~valid[:, CASE.seq_len - n_queries :]
     assert (out.transpose(1, 2)[padded_rows] == 0).all()
     assert len(stats) == CASE.batch
-    for got, exp in zip(stats, want_stats):
+    for got, exp in zip(stats, want_stats, strict=True):
         assert got.dense == exp.dense
         assert torch.equal(got.tiles, exp.tiles)
         assert torch.equal(got.key_positions, exp.key_positions)
     if threshold == 1.0:  # on real query rows (padded rows see real keys in the dense oracle)
         dense = sdpa_causal(q, k, v, valid_keys=valid)
         real = valid[:, CASE.seq_len - n_queries :, None].expand(-1, -1, CASE.q_heads)
-        torch.testing.assert_close(out.transpose(1, 2)[real], dense.transpose(1, 2)[real], rtol=0, atol=FP32_ATOL)
+        torch.testing.assert_close(
+            out.transpose(1, 2)[real], dense.transpose(1, 2)[real], rtol=0, atol=FP32_ATOL
+        )
 
 
 def test_all_true_mask_takes_the_batched_path():
@@ -115,7 +131,11 @@ def test_fully_padded_rows_are_zeros_not_nan():
     [
         ([[True] * 520] * 3, TypeError, "valid_keys must be a torch.Tensor"),
         (torch.ones(3, 520), TypeError, "valid_keys must be bool or an integer"),
-        (torch.ones(3, 519, dtype=torch.bool), ValueError, r"valid_keys must have shape \[batch, key seq_len\]"),
+        (
+            torch.ones(3, 519, dtype=torch.bool),
+            ValueError,
+            r"valid_keys must have shape \[batch, key seq_len\]",
+        ),
         (torch.ones(520, dtype=torch.bool), ValueError, "valid_keys must have shape"),
         (torch.ones(3, 520, dtype=torch.bool, device="meta"), ValueError, "valid_keys device"),
         (torch.full((3, 520), 2), ValueError, "valid_keys must hold only 0"),

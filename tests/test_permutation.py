@@ -31,7 +31,9 @@ def test_segment_permutation_sorts_inside_segments(batch, heads, segment, n_segm
     # a bijection of each segment onto itself
     assert torch.equal(segs.sort(dim=-1).values, (starts + torch.arange(segment)).expand_as(segs))
     # the tail stays in place
-    assert torch.equal(perm[..., n_complete:], torch.arange(n_complete, n_complete + tail).expand(batch, heads, -1))
+    assert torch.equal(
+        perm[..., n_complete:], torch.arange(n_complete, n_complete + tail).expand(batch, heads, -1)
+    )
     # importance is non-increasing along each segment, and ties keep their original order
     sorted_scores = scores.gather(-1, perm[..., :n_complete]).view(batch, heads, n_segments, segment)
     assert (sorted_scores[..., 1:] <= sorted_scores[..., :-1]).all()
@@ -78,4 +80,6 @@ def test_permute_kv_copies_rows_bitwise_whatever_their_width(dtype, head_dim, tr
     key_p, value_p = permute_kv(key, key[..., : max(1, head_dim - 1)], perm)
     want = torch.stack([torch.stack([key[b, h, perm[b, h]] for h in range(3)]) for b in range(2)])
     assert key_p.dtype == dtype and torch.equal(key_p.view(torch.uint8), want.view(torch.uint8))
-    assert torch.equal(value_p.view(torch.uint8), want[..., : max(1, head_dim - 1)].contiguous().view(torch.uint8))
+    assert torch.equal(
+        value_p.view(torch.uint8), want[..., : max(1, head_dim - 1)].contiguous().view(torch.uint8)
+    )

@@ -1,4 +1,3 @@
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,15 +17,18 @@ from tests.helpers import cases, chunk_cases, make_qkv, pooled_block_probs
 
 def _pipeline(case, threshold, gqa="shared"):
     q, k, v = make_qkv(case)
-    cfg = PBSConfig(
-        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa
-    )
+    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa)
     perm = segment_permutation(reference.importance(q, k, cfg), case.seq_len, case.segment_size)
     k_p, _ = permute_kv(k, v, perm)
     scale = case.head_dim**-0.5
     tiles = select_tiles(
-        q, k_p, perm, block_size=case.block_size, segment_size=case.segment_size,
-        threshold=threshold, scale=scale,
+        q,
+        k_p,
+        perm,
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=threshold,
+        scale=scale,
     )
     return q, k, k_p, perm, tiles, cfg
 
@@ -35,8 +37,11 @@ long_cases = cases(sharp=True).filter(lambda c: c.seq_len > c.segment_size)
 
 
 @settings(max_examples=40)
-@given(case=long_cases, threshold=st.sampled_from([0.3, 0.8, 0.9, 0.99, 1.0]),
-       gqa=st.sampled_from(["shared", "per_head"]))
+@given(
+    case=long_cases,
+    threshold=st.sampled_from([0.3, 0.8, 0.9, 0.99, 1.0]),
+    gqa=st.sampled_from(["shared", "per_head"]),
+)
 def test_selection_matches_reference(case, threshold, gqa):
     q, k, _, perm, tiles, cfg = _pipeline(case, threshold, gqa)
     assert torch.equal(tiles, reference.selection(q, k, perm, cfg))
@@ -101,8 +106,11 @@ def test_sink_and_own_segment_always_computed_and_nothing_in_the_future(case, th
 
 
 @settings(max_examples=25)
-@given(chunk=chunk_cases(sharp=True).filter(lambda c: c[0].seq_len > c[0].segment_size),
-       threshold=st.sampled_from([0.3, 0.8, 0.9, 1.0]), gqa=st.sampled_from(["shared", "per_head"]))
+@given(
+    chunk=chunk_cases(sharp=True).filter(lambda c: c[0].seq_len > c[0].segment_size),
+    threshold=st.sampled_from([0.3, 0.8, 0.9, 1.0]),
+    gqa=st.sampled_from(["shared", "per_head"]),
+)
 def test_chunk_selection_matches_reference_and_sees_nothing_in_the_future(chunk, threshold, gqa):
     case, n_queries = chunk
     q, k, v = make_qkv(case)
@@ -110,8 +118,15 @@ def test_chunk_selection_matches_reference_and_sees_nothing_in_the_future(chunk,
     cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, gqa=gqa)
     perm = segment_permutation(reference.importance(q, k, cfg), case.seq_len, case.segment_size)
     k_p, _ = permute_kv(k, v, perm)
-    tiles = select_tiles(q, k_p, perm, block_size=case.block_size, segment_size=case.segment_size,
-                         threshold=threshold, scale=case.head_dim**-0.5)
+    tiles = select_tiles(
+        q,
+        k_p,
+        perm,
+        block_size=case.block_size,
+        segment_size=case.segment_size,
+        threshold=threshold,
+        scale=case.head_dim**-0.5,
+    )
     assert torch.equal(tiles, reference.selection(q, k, perm, cfg))
     # query block i is aligned to key block first + i; no tile lies wholly after its last query
     first = (case.seq_len - n_queries) // case.block_size
@@ -130,7 +145,9 @@ def test_threshold_one_keeps_every_candidate_even_if_probabilities_underflow():
     assert torch.equal(threshold_tiles(probs, cand, 1.0)[0, 0], cand)
     # just under 1: the underflowed candidate is not needed
     assert threshold_tiles(probs, cand, 0.999)[0, 0].tolist() == [
-        [False, False, False], [True, False, False], [True, False, False]
+        [False, False, False],
+        [True, False, False],
+        [True, False, False],
     ]
 
 
@@ -140,7 +157,9 @@ def test_threshold_tiles_leaves_its_input_alone():
     cand = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
     before = probs.clone()
     assert threshold_tiles(probs, cand, 0.5)[0, 0].tolist() == [
-        [False, False, False], [True, False, False], [False, True, False]
+        [False, False, False],
+        [True, False, False],
+        [False, True, False],
     ]
     assert torch.equal(probs, before)
 
@@ -188,7 +207,9 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
     offset=st.integers(0, 300),
     threshold=st.sampled_from([0.5, 0.9]),
 )
-def test_head_chunks_select_exactly_what_all_heads_at_once_select(seed, batch, kv_heads, group, n, offset, threshold):
+def test_head_chunks_select_exactly_what_all_heads_at_once_select(
+    seed, batch, kv_heads, group, n, offset, threshold
+):
     """A byte budget below one KV head's rows: every head chunk is one KV head (and its query heads)."""
     gen = torch.Generator().manual_seed(seed)
     k_p = torch.randn(batch, kv_heads, n + offset, 16, generator=gen)

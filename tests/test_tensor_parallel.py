@@ -11,8 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_heads_split_over_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "tp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "tensor_parallel.py"), "--threshold", "0.5", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "examples" / "tensor_parallel.py"),
+        "--threshold",
+        "0.5",
+        "--json",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

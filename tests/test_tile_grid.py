@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexpbs
-from flexpbs import PBSConfig
 import flexpbs.tile_grid as grid_module
+from flexpbs import PBSConfig
 from flexpbs.tile_grid import build_tile_grid, tile_grid
 from tests.helpers import cases, make_qkv
 
@@ -47,8 +47,9 @@ def test_grid_is_built_once_per_shape():
 def test_calls_leave_cached_grids_unchanged(case, threshold):
     """The pipeline reads cached grids and must never write into them."""
     q, k, v = make_qkv(case)
-    cfg = PBSConfig(block_size=case.block_size, segment_size=case.segment_size, threshold=threshold,
-                    exact_last_block=True)
+    cfg = PBSConfig(
+        block_size=case.block_size, segment_size=case.segment_size, threshold=threshold, exact_last_block=True
+    )
     seen, cached = {}, grid_module.cached_tile_grid
 
     def recording(*key):
@@ -61,4 +62,4 @@ def test_calls_leave_cached_grids_unchanged(case, threshold):
         flexpbs.attention(q, k, v, config=cfg)
     assert seen or case.seq_len <= case.segment_size  # dense: short (the CPU has no other dense minimum)
     for key, grid in seen.items():
-        assert all(torch.equal(a, b) for a, b in zip(grid, before[key]))
+        assert all(torch.equal(a, b) for a, b in zip(grid, before[key], strict=True))

@@ -15,7 +15,11 @@ from flexpbs.integrations import transformers as fx  # noqa: E402
 PROMPT_LEN = 600
 # The cache keyword of a model's forward: ``cache`` in newer transformers (which deprecate
 # ``past_key_values``), ``past_key_values`` in older ones.
-CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
 OPTIONS = dict(block_size=64, segment_size=128, threshold=1.0)
 
 
@@ -23,9 +27,17 @@ OPTIONS = dict(block_size=64, segment_size=128, threshold=1.0)
 def model():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

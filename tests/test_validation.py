@@ -33,7 +33,11 @@ def _replace(qkv, index, value):
         (lambda t: _replace(t, 1, torch.randn(2, 2, 32, 16)), ValueError, "key batch"),
         (lambda t: _replace(t, 2, torch.randn(1, 2, 31, 16)), ValueError, "value seq_len"),
         (lambda t: _replace(t, 1, torch.randn(1, 2, 24, 16)), ValueError, "key seq_len 24 must be >= query"),
-        (lambda t: _replace(t, 2, torch.randn(1, 2, 40, 16)), ValueError, "value seq_len 40 does not match key"),
+        (
+            lambda t: _replace(t, 2, torch.randn(1, 2, 40, 16)),
+            ValueError,
+            "value seq_len 40 does not match key",
+        ),
         (lambda t: _replace(t, 1, torch.randn(1, 2, 32, 8)), ValueError, "key head_dim"),
         (lambda t: _replace(t, 2, torch.randn(1, 4, 32, 16)), ValueError, "value heads"),
         (lambda t: _replace(t, 1, t[1].double()), TypeError, "key"),
@@ -73,7 +77,9 @@ def test_the_advice_for_inputs_requiring_grad_works_on_the_pbs_path(mode):
     for x in (q, k, v):
         x.requires_grad_()
     with mode():
-        got, stats = flexpbs.attention(q, k, v, block_size=64, segment_size=128, threshold=0.5, return_stats=True)
+        got, stats = flexpbs.attention(
+            q, k, v, block_size=64, segment_size=128, threshold=0.5, return_stats=True
+        )
     assert not stats.dense
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -11,8 +11,17 @@ if not torch.cuda.is_available():
 
 
 def test_replay_equals_eager_with_a_cold_grid_cache():
-    case = Case(batch=1, kv_heads=2, group=4, seq_len=4096, head_dim=64, block_size=128, segment_size=256,
-                seed=3, sharpness=2.0)
+    case = Case(
+        batch=1,
+        kv_heads=2,
+        group=4,
+        seq_len=4096,
+        head_dim=64,
+        block_size=128,
+        segment_size=256,
+        seed=3,
+        sharpness=2.0,
+    )
     q, k, v = (x.cuda().to(torch.bfloat16) for x in make_qkv(case))
     call = lambda: flexpbs.attention(q, k, v, min_seq_len=0)  # noqa: E731 (the sparse path at 4K)
     stream = torch.cuda.Stream()

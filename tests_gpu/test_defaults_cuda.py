@@ -20,7 +20,9 @@ def break_even() -> int:
 @pytest.mark.parametrize("n", [2048, 5000])
 def test_short_inputs_equal_sdpa_cudnn(n):
     assert n < break_even()
-    case = Case(batch=1, kv_heads=2, group=4, seq_len=n, head_dim=128, block_size=128, segment_size=256, seed=n)
+    case = Case(
+        batch=1, kv_heads=2, group=4, seq_len=n, head_dim=128, block_size=128, segment_size=256, seed=n
+    )
     q, k, v = (x.cuda() for x in make_qkv(case, torch.bfloat16))
     out, stats = flexpbs.attention(q, k, v, backend="triton", return_stats=True)
     assert stats.dense and stats.backend is None
@@ -31,7 +33,9 @@ def test_short_inputs_equal_sdpa_cudnn(n):
 
 def test_long_inputs_run_pbs_by_default():
     n = break_even()
-    case = Case(batch=1, kv_heads=2, group=4, seq_len=n, head_dim=128, block_size=128, segment_size=256, seed=1)
+    case = Case(
+        batch=1, kv_heads=2, group=4, seq_len=n, head_dim=128, block_size=128, segment_size=256, seed=1
+    )
     q, k, v = (x.cuda() for x in make_qkv(case, torch.bfloat16))
     _, stats = flexpbs.attention(q, k, v, return_stats=True)
     assert not stats.dense and stats.backend in ("triton", "flash")

@@ -25,9 +25,20 @@ pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-
         (2, 2, 2, 4200, 1500, "per_head", 64),
     ],
 )
-def test_flash_backend_matches_triton_and_the_reference(batch, kv_heads, group, seq_len, n_queries, gqa, head_dim):
-    case = Case(batch=batch, kv_heads=kv_heads, group=group, seq_len=seq_len, head_dim=head_dim, block_size=128,
-                segment_size=256, seed=seq_len, sharpness=2.0)
+def test_flash_backend_matches_triton_and_the_reference(
+    batch, kv_heads, group, seq_len, n_queries, gqa, head_dim
+):
+    case = Case(
+        batch=batch,
+        kv_heads=kv_heads,
+        group=group,
+        seq_len=seq_len,
+        head_dim=head_dim,
+        block_size=128,
+        segment_size=256,
+        seed=seq_len,
+        sharpness=2.0,
+    )
     q, k, v = (x.cuda() for x in make_qkv(case, torch.bfloat16))
     q = q[:, :, seq_len - n_queries :]
     options = dict(gqa=gqa, min_seq_len=0, return_stats=True)

@@ -26,7 +26,14 @@ TOL = dict(rtol=1e-4, atol=1e-7)
 )
 def test_long_input_with_default_key_splits(dtype, head_dim):
     case = Case(
-        batch=2, kv_heads=2, group=4, seq_len=20000, head_dim=head_dim, block_size=128, segment_size=256, seed=5
+        batch=2,
+        kv_heads=2,
+        group=4,
+        seq_len=20000,
+        head_dim=head_dim,
+        block_size=128,
+        segment_size=256,
+        seed=5,
     )
     q, k, _ = make_qkv(case, dtype)
     q, k = q.cuda(), k.cuda()
@@ -38,7 +45,9 @@ def test_long_input_with_default_key_splits(dtype, head_dim):
 
 
 def _scaled_last_block_importance(dtype, magnitude: float, outlier: float) -> torch.Tensor:
-    case = Case(batch=1, kv_heads=2, group=4, seq_len=32768, head_dim=128, block_size=128, segment_size=256, seed=4)
+    case = Case(
+        batch=1, kv_heads=2, group=4, seq_len=32768, head_dim=128, block_size=128, segment_size=256, seed=4
+    )
     q, k, _ = make_qkv(case, torch.float32)
     q, k = q * magnitude, k * magnitude
     q[..., :4] *= outlier  # outlier channels

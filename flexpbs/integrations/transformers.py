@@ -190,7 +190,6 @@ def _fallback_reason(
     return None
 
 
-
 def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
     """``valid_keys [B, N]`` when ``mask`` is exactly the bottom-right causal mask AND a key
     padding mask, else None.

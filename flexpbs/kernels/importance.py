@@ -499,7 +499,10 @@ def launch(
 def _check_kernel_inputs(query: torch.Tensor, key: torch.Tensor, block_size: int, segment_size: int) -> None:
     check_inputs(query, key)
     if query.shape[-1] > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton importance kernel, got {query.shape[-1]}")
+        raise ValueError(
+            f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton importance kernel, "
+            f"got {query.shape[-1]}"
+        )
     if block_size < 1 or segment_size < 1:
         raise ValueError(f"block_size and segment_size must be positive, got {block_size} and {segment_size}")
 
@@ -518,7 +521,12 @@ def _importance_op(
     device = torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext()
     with device:
         return launch(
-            query, key, block_size=block_size, segment_size=segment_size, scale=scale, per_query_head=per_query_head
+            query,
+            key,
+            block_size=block_size,
+            segment_size=segment_size,
+            scale=scale,
+            per_query_head=per_query_head,
         )
 
 
