@@ -149,7 +149,7 @@ def _meta_flex_attention(query, key, value, lists, positions, block_size, scale,
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
-def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, kernel):
+def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, kernel, lengths=None):
     """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
     statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
     batch, q_heads, n, _ = query.shape

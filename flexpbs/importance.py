@@ -15,6 +15,7 @@ import os
 import torch
 from einops import rearrange
 
+from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 
 
@@ -26,6 +27,7 @@ def last_block_importance(
     segment_size: int,
     scale: float,
     per_query_head: bool,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
     """Importance of every key of the complete segments.
 
@@ -36,17 +38,34 @@ def last_block_importance(
         segment_size: only the first ``floor(N / segment_size) * segment_size`` keys are scored.
         scale: logit scale.
         per_query_head: one importance row per query head instead of per KV head.
+        lengths: sequences of different lengths in a frame (:mod:`flexpbs.lengths`; ``query`` is then the
+            ``[B, Hq, L, D]`` frame): each sequence's own last queries and complete segments.
 
     Returns:
         ``[B, Hp, Nc]`` float32, Nc = floor(N / segment_size) * segment_size, Hp = Hq if
-        ``per_query_head`` else Hkv. Each row of each head sums to 1 before averaging.
+        ``per_query_head`` else Hkv. Each row of each head sums to 1 before averaging. With
+        ``lengths``, 0 past each sequence's complete segments.
     """
     batch, kv_heads, n_keys, _ = key.shape
     group = query.shape[1] // kv_heads
     n_complete = n_keys // segment_size * segment_size
     n_queries = query.shape[2]
     rows = min(block_size, n_queries)
-    q_last = rearrange(query[:, :, n_queries - rows :], "b (k g) r d -> b k g r d", g=group)
+    if lengths is None:
+        q_last = query[:, :, n_queries - rows :]
+        key_ok, row_ok, row_count = None, None, rows
+    else:  # each sequence's last queries first (in order), unused rows after them
+        used = lengths.n_queries.clamp(max=block_size)
+        first = (lengths.n_keys - used)[:, None] + torch.arange(rows, device=query.device)
+        row_ok = torch.arange(rows, device=query.device) < used[:, None]  # [B, rows]
+        index = torch.where(row_ok, first, 0)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
+        row_count = used.clamp_min(1)
+        q_last = query.gather(2, index)
+        key_ok = torch.arange(n_complete, device=key.device) < lengths.complete_keys(segment_size)[:, None]
+        row_ok = row_ok[:, None, None, :, None]  # [B, 1, 1, rows, 1]
+        key_ok = key_ok[:, None, None, None, :]  # [B, 1, 1, 1, Nc]
+        row_count = row_count.to(torch.float32)[:, None, None, None]
+    q_last = rearrange(q_last, "b (k g) r d -> b k g r d", g=group)
     keys = key[:, :, :n_complete]
 
     total = torch.zeros(batch, kv_heads, group, n_complete, dtype=torch.float32, device=key.device)
@@ -58,8 +77,14 @@ def last_block_importance(
         for r0 in range(0, rows, rows_step):
             q_chunk = q_last[:, h0 : h0 + heads_step, :, r0 : r0 + rows_step].float()
             logits = torch.einsum("bkgrd,bknd->bkgrn", q_chunk, k_chunk) * scale
-            total[:, h0 : h0 + heads_step] += logits.softmax(dim=-1).sum(dim=-2)
-    importance = total / rows
+            if key_ok is not None:
+                logits = logits.masked_fill(~key_ok, float("-inf"))
+                # a sequence without complete segments has no column: its rows softmax to NaN
+                probs = logits.softmax(dim=-1).nan_to_num_(0.0) * row_ok[:, :, :, r0 : r0 + rows_step]
+            else:
+                probs = logits.softmax(dim=-1)
+            total[:, h0 : h0 + heads_step] += probs.sum(dim=-2)
+    importance = total / row_count
     if per_query_head:
         return rearrange(importance, "b k g n -> b (k g) n")
     return importance.mean(dim=2)
@@ -96,17 +121,14 @@ def key_importance(
     scale: float,
     per_query_head: bool,
     kernel: str,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
-    """:func:`last_block_importance` through the implementation ``kernel`` names ("triton", "torch")."""
-    if kernel == "triton":
-        from flexpbs.kernels.importance import triton_last_block_importance as score
-    else:
-        score = last_block_importance
-    return score(
-        query,
-        key,
-        block_size=block_size,
-        segment_size=segment_size,
-        scale=scale,
-        per_query_head=per_query_head,
-    )
+    """:func:`last_block_importance` through the implementation ``kernel`` names ("triton", "torch").
+    Sequences of different lengths (``lengths``) take the PyTorch path: the kernel has no per-sequence
+    lengths yet."""
+    args = dict(block_size=block_size, segment_size=segment_size, scale=scale, per_query_head=per_query_head)
+    if kernel == "triton" and lengths is None:
+        from flexpbs.kernels.importance import triton_last_block_importance
+
+        return triton_last_block_importance(query, key, **args)
+    return last_block_importance(query, key, **args, lengths=lengths)

@@ -4,18 +4,17 @@
 the L_b keys of its problem. Its queries sit at the last Nq key positions, so its real queries are the
 real ones among those positions, which are exactly the last M_b of its real keys: sequence b is a
 (chunked) prefill with M_b queries over L_b keys, and its output rows go back to their padded
-positions; padded query rows are zeros. Sequences with padding run one at a time (their lengths are
-read on the host); sequences without padding run as one batch.
+positions; padded query rows are zeros. All sequences run in one pipeline run over a frame
+(:func:`flexpbs.varlen.frame_attention`), with no loop over them and no host synchronisation.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from flexpbs.config import PBSConfig, PBSStats
-from flexpbs.pipeline import pbs_attention
+from flexpbs.lengths import frame_length
+from flexpbs.varlen import frame_attention
 
 
 def check_valid_keys(valid_keys: torch.Tensor, key: torch.Tensor) -> None:
@@ -59,7 +58,11 @@ def padded_attention(
     cfg: PBSConfig,
     return_stats: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
-    """Attention of a padded batch, sequence by sequence on its real tokens.
+    """Attention of a padded batch: every sequence on its real tokens, all in one pipeline run.
+
+    Each sequence's real keys (in order) and real queries are gathered into a frame
+    (:mod:`flexpbs.lengths`) and the frame runs through :func:`flexpbs.varlen.frame_attention`: no loop
+    over sequences, and no host synchronisation for a bool ``valid_keys``.
 
     Args:
         query: ``[B, Hq, Nq, D]``; key: ``[B, Hkv, N, D]``; value: ``[B, Hkv, N, Dv]``; Nq <= N.
@@ -73,53 +76,37 @@ def padded_attention(
         its L_b keys and M_b queries).
     """
     valid = validate_valid_keys(valid_keys)
-    batch, _, n_queries, _ = query.shape
-    n = key.shape[2]
-    complete = valid.all(dim=-1).tolist()  # the host sync of this path
-    if all(complete):
-        result = pbs_attention(query, key, value, cfg, return_stats)
-        if not return_stats:
-            return result
-        out, stats = result
-        return out, [_sequence_stats(stats, b) for b in range(batch)]
-
-    out = query.new_zeros(*query.shape[:3], value.shape[-1])
-    per_sequence: list[PBSStats | None] = [None] * batch
-    whole = [b for b in range(batch) if complete[b]]
-    if whole:
-        rows = torch.tensor(whole, device=query.device)
-        query_w, key_w, value_w = (x.index_select(0, rows) for x in (query, key, value))
-        result = pbs_attention(query_w, key_w, value_w, cfg, return_stats)
-        out_whole, stats = result if return_stats else (result, None)
-        out.index_copy_(0, rows, out_whole)
-        for i, b in enumerate(whole):
-            per_sequence[b] = _sequence_stats(stats, i) if stats is not None else None
-    for b in range(batch):
-        if complete[b]:
-            continue
-        real_keys = valid[b].nonzero().squeeze(-1)
-        real_queries = valid[b, n - n_queries :].nonzero().squeeze(-1)
-        result = pbs_attention(
-            query[b : b + 1].index_select(2, real_queries),
-            key[b : b + 1].index_select(2, real_keys),
-            value[b : b + 1].index_select(2, real_keys),
-            cfg,
-            return_stats,
-        )
-        out_b, per_sequence[b] = result if return_stats else (result, None)
-        out[b].index_copy_(1, real_queries, out_b[0])
-    if not return_stats:
-        return out
-    return out, per_sequence
+    n_queries, n = query.shape[2], key.shape[2]
+    valid_q = valid[:, n - n_queries :]
+    n_keys, n_q = valid.sum(-1), valid_q.sum(-1)
+    frame = frame_length(n, cfg.block_size)
+    positions = torch.arange(frame, device=query.device)
+    # keys: the real ones first, in order (a stable sort of the padding flags), at positions 0..L_b-1
+    key_source = _pad_to(_real_first(valid), frame)
+    key_rows = positions < n_keys[:, None]
+    k_frame, v_frame = (_gather_rows(x, key_source, key_rows) for x in (key, value))
+    # queries: the real ones in order at positions L_b - M_b .. L_b - 1
+    rank = positions - (n_keys - n_q)[:, None]
+    query_rows = (rank >= 0) & (rank < n_q[:, None])
+    query_source = _real_first(valid_q).gather(1, rank.clamp(0, max(n_queries - 1, 0)))
+    q_frame = _gather_rows(query, query_source, query_rows)
+    out_frame, stats = frame_attention(q_frame, k_frame, v_frame, n_keys, n_q, cfg, return_stats)
+    # back to the padded rows: query i's frame row is L_b - M_b + (its rank among the real queries)
+    frame_row = (n_keys - n_q)[:, None] + valid_q.cumsum(-1) - 1
+    out = _gather_rows(out_frame, frame_row.clamp(0, frame - 1), valid_q)
+    return (out, stats) if return_stats else out
 
 
-def _sequence_stats(stats: PBSStats, b: int) -> PBSStats:
-    """The stats of batch element ``b`` alone (batch dimension kept, size 1)."""
-    one = slice(b, b + 1)
-    return dataclasses.replace(
-        stats,
-        tiles=stats.tiles[one],
-        key_positions=stats.key_positions[one],
-        density=stats.density[one],
-        sorted_rows=None if stats.sorted_rows is None else stats.sorted_rows[one],
-    )
+def _real_first(valid: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` int64: the indices of the True entries of each row, in order, then the others."""
+    return torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+
+
+def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(index, (0, length - index.shape[-1])) if length > index.shape[-1] else index
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, n, D]`` rows ``rows [B, m]`` -> ``[B, H, m, D]``, zeros where ``keep [B, m]`` is False."""
+    index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    return x.gather(2, index).masked_fill(~keep[:, None, :, None], 0)

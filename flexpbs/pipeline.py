@@ -15,6 +15,7 @@ from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dense import dense_causal_attention
 from flexpbs.importance import key_importance, resolve_importance_kernel
 from flexpbs.last_block import last_block_tiles
+from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
 from flexpbs.selection import select_tiles
@@ -27,9 +28,18 @@ _TABLE_BYTES_PER_TILE = 14
 
 
 def pbs_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PBSConfig, return_stats: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: PBSConfig,
+    return_stats: bool,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
-    """The pipeline on validated inputs without padding, eagerly; Nq <= N."""
+    """The pipeline on validated inputs, eagerly; Nq <= N; ``cfg`` resolved (:mod:`flexpbs.dispatch`).
+
+    With ``lengths`` the inputs are a frame of sequences of different lengths (:mod:`flexpbs.lengths`:
+    ``query [B, Hq, L, D]``, ``key``/``value [B, Hkv, L, D]``): every sequence runs in the same calls,
+    short ones with all their causal tiles, and the stats (``dense=False``) cover the whole frame."""
     # Inference only: inputs that require grad (under no_grad or inference_mode) must not reach
     # FlexAttention, whose CPU kernel refuses them whatever the grad mode.
     query, key, value = query.detach(), key.detach(), value.detach()
@@ -39,7 +49,7 @@ def pbs_attention(
     softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
-    if cfg.runs_dense(n_keys) or n_queries == 0:
+    if lengths is None and (cfg.runs_dense(n_keys) or n_queries == 0):
         out = dense_causal_attention(query, key, value, softmax_scale)
         if not return_stats:
             return out
@@ -47,10 +57,10 @@ def pbs_attention(
 
     heads_per_chunk = kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
     if heads_per_chunk == kv_heads:
-        out, tiles, perm, sorted_rows = _pbs_heads(query, key, value, cfg, kernel, softmax_scale)
+        out, tiles, perm, sorted_rows = _pbs_heads(query, key, value, cfg, kernel, softmax_scale, lengths)
     else:
         out, tiles, perm, sorted_rows = _pbs_head_chunks(
-            query, key, value, cfg, kernel, softmax_scale, heads_per_chunk, return_stats
+            query, key, value, cfg, kernel, softmax_scale, heads_per_chunk, return_stats, lengths
         )
     if not return_stats:
         return out
@@ -74,6 +84,7 @@ def _pbs_head_chunks(
     scale: float,
     kv_heads_per_chunk: int,
     keep_stats: bool,
+    lengths: SequenceLengths | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """:func:`_pbs_heads` a few KV heads (and their query heads) at a time, to bound extra memory.
 
@@ -88,7 +99,7 @@ def _pbs_head_chunks(
         kv_chunk = slice(k0, k0 + kv_heads_per_chunk)
         q_chunk = slice(k0 * group, (k0 + kv_heads_per_chunk) * group)
         out_chunk, tiles, perm, sorted_rows = _pbs_heads(
-            query[:, q_chunk], key[:, kv_chunk], value[:, kv_chunk], cfg, importance_kernel, scale
+            query[:, q_chunk], key[:, kv_chunk], value[:, kv_chunk], cfg, importance_kernel, scale, lengths
         )
         out[:, q_chunk] = out_chunk
         del out_chunk
@@ -108,8 +119,9 @@ def _pbs_heads(
     cfg: PBSConfig,
     importance_kernel: str,
     scale: float,
+    lengths: SequenceLengths | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Importance, permutation, selection and sparse attention for some heads.
+    """Importance, permutation, selection and sparse attention for some heads (of a frame with ``lengths``).
 
     Returns:
         ``(out [B, Hq, Nq, Dv], tiles [B, Hq, nbq, nb] bool, perm [B, Hp, N] int64,
@@ -126,15 +138,25 @@ def _pbs_heads(
             scale=scale,
             per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
             kernel=importance_kernel,
+            lengths=lengths,
         )
     if cfg.key_order == "original":  # identity order is shared by all heads: no K/V copies
         perm = identity_permutation(batch, key.shape[1], n_keys, query.device)
         key_p, value_p = key, value
     else:
-        perm = segment_permutation(importance, n_keys, cfg.segment_size)
+        ranked = importance
+        if lengths is not None:  # tails and dense sequences keep their order (a stable sort of equals)
+            complete = lengths.complete_keys(cfg.segment_size)[:, None, None]
+            ranked = importance.masked_fill(torch.arange(importance.shape[-1], device=query.device) >= complete,
+                                            float("-inf"))
+        perm = segment_permutation(ranked, n_keys, cfg.segment_size)
         key_p, value_p = permute_kv(key, value, perm)
     select = dict(
-        block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold, scale=scale
+        block_size=cfg.block_size,
+        segment_size=cfg.segment_size,
+        threshold=cfg.threshold,
+        scale=scale,
+        lengths=lengths,
     )
     tiles = select_tiles(query, key_p, perm, **select)
     sorted_rows = torch.full(perm.shape[:2], cfg.key_order == "sorted", device=query.device)
@@ -151,8 +173,14 @@ def _pbs_heads(
             block_size=cfg.block_size,
             segment_size=cfg.segment_size,
             threshold=cfg.threshold,
-        )
-        tiles[:, :, -1] |= last_row.repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
+            lengths=lengths,
+        ).repeat_interleave(query.shape[1] // perm.shape[1], dim=1)
+        if lengths is None:
+            tiles[:, :, -1] |= last_row
+        else:  # each sequence's own last query block
+            rows = torch.arange(tiles.shape[2], device=tiles.device)
+            at_last = rows == lengths.last_query_block(cfg.block_size)[:, None]
+            tiles |= at_last[:, None, :, None] & last_row[:, :, None, :] & ~lengths.dense[:, None, None, None]
     out = sparse_attention(
         query,
         key_p,

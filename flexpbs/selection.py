@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import block_first_positions
 from flexpbs.tile_grid import TileGrid, cdiv, row_bands, tile_grid
@@ -121,9 +122,10 @@ def threshold_tiles(probs: torch.Tensor, candidates: torch.Tensor, threshold: fl
     """Smallest prefix of candidates, in descending probability, whose mass reaches ``threshold``.
 
     Args:
-        probs: ``[B, H, nbq, nb]`` float32 from :func:`block_scores`: 0 off the candidates.
-        candidates: ``[nbq, nb]`` bool, each row a prefix of the columns (the blocks of earlier
-            segments, as :func:`candidate_tiles` gives).
+        probs: ``[B, H, nbq, nb]`` float32 softmax probabilities of the pooled block scores: 0 off
+            the candidates.
+        candidates: bool broadcastable to ``probs`` (``[nbq, nb]`` as :func:`candidate_tiles` gives),
+            each row a prefix of the columns (the blocks of earlier segments).
         threshold: in (0, 1]. 1.0 keeps every candidate: every softmax probability is positive
             in exact arithmetic, even where float32 rounds the running sum up to 1 early.
 
@@ -191,14 +193,22 @@ def forced_tiles(
     return out
 
 
-def _force_into(tiles: torch.Tensor, perm: torch.Tensor, block_size: int, grid: TileGrid) -> None:
+def _force_into(
+    tiles: torch.Tensor,
+    perm: torch.Tensor,
+    block_size: int,
+    grid: TileGrid,
+    query_end: torch.Tensor | None = None,
+) -> None:
     """Adds :func:`forced_tiles` to ``tiles [B, Hq, nbq, nb]`` (contiguous) in place: writes only the
-    own segment's columns and the sink's column, not the whole table."""
+    own segment's columns and the sink's column, not the whole table. ``query_end``: ``[B, 1, nbq, 1]``
+    last query position of each query block per sequence (a frame), instead of the grid's."""
     batch, perm_heads = perm.shape[:2]
     first_pos = block_first_positions(perm, block_size)  # [B, Hp, nb]
     by_perm_row = tiles.view(batch, perm_heads, -1, *tiles.shape[2:])
     own = grid.own_columns.expand(*by_perm_row.shape[:3], -1, -1)
-    visible = (first_pos[:, :, grid.own_columns] <= grid.query_end)[:, :, None]
+    last_query = grid.query_end if query_end is None else query_end
+    visible = (first_pos[:, :, grid.own_columns] <= last_query)[:, :, None]
     # own_columns repeats the last block past a short last segment: the values written depend only
     # on (row, column), so the repeated writes agree
     by_perm_row.scatter_(-1, own, by_perm_row.gather(-1, own) | visible)
@@ -215,6 +225,7 @@ def select_tiles(
     segment_size: int,
     threshold: float,
     scale: float,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
     """The tiles to compute, per (batch, query head).
 
@@ -222,6 +233,10 @@ def select_tiles(
         query: ``[B, Hq, Nq, D]``, the queries at the last Nq key positions (Nq = N for prefill).
         key_p: ``[B, Hp, N, D]`` permuted keys, Hq a multiple of Hp, N >= Nq.
         perm: ``[B, Hp, N]`` int64, the permutation that produced ``key_p``.
+        lengths: sequences of different lengths in a frame (:mod:`flexpbs.lengths`; ``query`` and
+            ``key_p`` are ``[B, H, L, D]`` frames, L a whole number of blocks): each sequence's real
+            rows are pooled, its dense rows keep every causal tile, and blocks without its queries
+            get no tile.
 
     Returns:
         ``[B, Hq, nbq, nb]`` bool over (query block, permuted key block), nb = ceil(N / block_size),
@@ -232,8 +247,17 @@ def select_tiles(
     group = q_heads // perm_heads
     offset = key_p.shape[2] - n_queries
     first_query_block = offset // block_size
-    q_rows = _group_rows(pool_blocks(query, block_size, lead=offset % block_size), group)
-    k_cols = pool_blocks(key_p, block_size).transpose(-1, -2)  # [B, Hp, D, nb]
+    if lengths is None:
+        pooled_q, pooled_k = pool_blocks(query, block_size, lead=offset % block_size), pool_blocks(key_p, block_size)
+    else:  # a frame: zero rows outside each sequence, means over its real rows
+        frame = key_p.shape[2]
+        pooled_q, pooled_k = (
+            x.unflatten(2, (-1, block_size)).sum(dim=3, dtype=torch.float32)
+            / lengths.rows_per_block(frame, block_size, queries=queries).clamp_min(1)[:, None]
+            for x, queries in ((query, True), (key_p, False))
+        )
+    q_rows = _group_rows(pooled_q, group)
+    k_cols = pooled_k.transpose(-1, -2)  # [B, Hp, D, nb]
     q_blocks, n_blocks = q_rows.shape[2] // group, k_cols.shape[-1]
     grid = tile_grid(
         q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device
@@ -269,5 +293,12 @@ def select_tiles(
                 _threshold_into(
                     out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold
                 )
-    forced_tiles(perm, block_size, segment_size, first_query_block, out=tiles)
+    if lengths is None:
+        forced_tiles(perm, block_size, segment_size, first_query_block, out=tiles)
+        return tiles
+    # dense sequences keep every candidate (their own segment comes from the forced tiles)
+    tiles |= candidates & lengths.dense[:, None, None, None]
+    query_end = torch.minimum(grid.query_start[None] + block_size, lengths.n_keys[:, None, None]) - 1
+    _force_into(tiles, perm, block_size, grid, query_end=query_end[:, None])
+    tiles &= lengths.query_blocks(n_blocks, block_size)[:, None, :, None]
     return tiles

@@ -1,0 +1,244 @@
+"""``flexpbs.varlen_attention``: a packed batch of sequences of different lengths, in one pipeline run.
+
+Serving engines pack the tokens of a batch into one tensor and describe the sequences by cumulative
+offsets (flash-attn's varlen convention). Here the sequences are laid out as a frame, one row of L
+positions per sequence (:mod:`flexpbs.lengths`), and the PBS pipeline runs once over the frame:
+importance, permutation, selection and the block lists cover every sequence at once, and one
+FlexAttention call computes them all. No tile spans two sequences and no query sees another sequence's
+keys, since each sequence has its own frame row. :func:`frame_attention` also serves padded batches
+(:mod:`flexpbs.padding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from flexpbs.config import PBSConfig, PBSStats
+from flexpbs.dispatch import resolve
+from flexpbs.lengths import SequenceLengths, frame_length
+from flexpbs.permutation import identity_permutation
+from flexpbs.pipeline import pbs_attention
+from flexpbs.sparse_attention import check_block_size
+from flexpbs.tile_grid import cdiv, density
+from flexpbs.validation import FLOAT_DTYPES
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    config: PBSConfig | None = None,
+    return_stats: bool = False,
+    **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
+    """PBS attention of a packed batch: flash-attn's varlen layout, bottom-right causal per sequence.
+
+    Sequence b has ``N_b = cu_seqlens_k[b+1] - cu_seqlens_k[b]`` keys and ``Nq_b`` queries, the LAST Nq_b
+    of its key positions (Nq_b == N_b: a whole prompt; Nq_b < N_b: a chunk against its cache). It gets
+    what ``flexpbs.attention`` gives on that sequence alone with the same options: the same selection
+    (up to float32 ties between importances or block scores) and outputs equal within float32 rounding.
+    Sequences that ``flexpbs.attention`` would run dense (at most ``segment_size`` keys, or fewer than
+    ``min_seq_len``) run dense attention in the same call.
+
+    Args:
+        query: ``[total_q, Hq, D]`` float16, bfloat16 or float32.
+        key: ``[total_k, Hkv, D]``, Hq a multiple of Hkv; value: ``[total_k, Hkv, Dv]``.
+        cu_seqlens_q, cu_seqlens_k: ``[B + 1]`` int32 on the query's device, starting at 0,
+            non-decreasing, ending at total_q and total_k.
+        max_seqlen_q, max_seqlen_k: the longest sequence's queries and keys. When both are given the
+            offsets are trusted, not read (no host synchronisation: the call can be captured in a CUDA
+            graph); when either is None the offsets are read and checked.
+        config, **options: as :func:`flexpbs.attention` (a :class:`PBSConfig` or its fields, not both).
+        return_stats: also return one :class:`PBSStats` per sequence, as a call on it alone returns.
+
+    Returns:
+        ``[total_q, Hq, Dv]`` in the query's dtype; with ``return_stats``, ``(output, stats)``.
+
+    Raises:
+        TypeError: a wrong type or dtype (offsets must be int32).
+        ValueError: wrong ranks, heads, head dims or devices, offsets that do not start at 0, decrease,
+            do not end at the totals or give a sequence more queries than keys (checked when they are
+            read), or bad options.
+
+    Eager only (inside ``torch.compile`` the call breaks the graph). The importance pass takes the
+    PyTorch path here (the Triton kernel has no per-sequence lengths yet).
+    """
+    cfg = PBSConfig.resolve(config, options)
+    _check_packed(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    check_block_size(query.device, cfg.block_size)
+    if max_seqlen_q is None or max_seqlen_k is None:
+        max_seqlen_q, max_seqlen_k = _check_offsets(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0])
+    for name, value_ in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value_, bool) or not isinstance(value_, int) or value_ < 0:
+            raise TypeError(f"{name} must be a non-negative int or None, got {value_!r}")
+    cfg = resolve(cfg, query, value)
+    if query.shape[0] == 0:  # no query in the batch
+        empty = query.new_zeros(0, query.shape[1], value.shape[2])
+        return (empty, _empty_stats(cu_seqlens_k, query, key, cfg)) if return_stats else empty
+    n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    n_queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    frame = frame_length(max_seqlen_k, cfg.block_size)
+    key_slot = _frame_slots(cu_seqlens_k, n_keys, key.shape[0], frame, torch.zeros_like(n_keys))
+    query_slot = _frame_slots(cu_seqlens_q, n_queries, query.shape[0], frame, n_keys - n_queries)
+    batch = n_keys.shape[0]
+    q_frame = _to_frame(query, query_slot, batch, frame)
+    k_frame, v_frame = _to_frame(key, key_slot, batch, frame), _to_frame(value, key_slot, batch, frame)
+    out, stats = frame_attention(q_frame, k_frame, v_frame, n_keys, n_queries, cfg, return_stats)
+    packed = out.permute(0, 2, 1, 3).reshape(batch * frame, *out.shape[1:2], out.shape[3])[query_slot]
+    return (packed, stats) if return_stats else packed
+
+
+def frame_attention(
+    q_frame: torch.Tensor,
+    k_frame: torch.Tensor,
+    v_frame: torch.Tensor,
+    n_keys: torch.Tensor,
+    n_queries: torch.Tensor,
+    cfg: PBSConfig,
+    return_stats: bool,
+) -> tuple[torch.Tensor, list[PBSStats] | None]:
+    """The pipeline over a frame (``q_frame [B, Hq, L, D]``, ``k_frame``/``v_frame [B, Hkv, L, D]``,
+    zeros outside each sequence; ``n_keys``/``n_queries`` ``[B]`` int64), with ``cfg`` resolved.
+
+    Returns:
+        ``(out [B, Hq, L, Dv], stats)``: rows of the frame that hold no query are unspecified;
+        ``stats``: one :class:`PBSStats` per sequence (reads the lengths on the host), or None.
+    """
+    dense = n_keys <= cfg.segment_size
+    if cfg.min_seq_len is not None:
+        dense |= n_keys < cfg.min_seq_len
+    lengths = SequenceLengths(n_keys, n_queries, dense)
+    result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths)
+    if not return_stats:
+        return result, None
+    out, stats = result
+    return out, _sequence_stats(stats, lengths, cfg)
+
+
+def _sequence_stats(stats: PBSStats, lengths: SequenceLengths, cfg: PBSConfig) -> list[PBSStats]:
+    """Each sequence's part of the frame's stats, shaped as a call on the sequence alone reports it."""
+    per_sequence = []
+    for b, (n, n_q, dense) in enumerate(zip(*(x.tolist() for x in lengths), strict=True)):
+        n_blocks = cdiv(n, cfg.block_size)
+        first = (n - n_q) // cfg.block_size if n_q else n_blocks
+        one = slice(b, b + 1)
+        if dense or n_q == 0:
+            causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=stats.tiles.device).tril()[first:]
+            tiles = causal.expand(1, stats.tiles.shape[1], *causal.shape).contiguous()
+            positions = identity_permutation(1, stats.key_positions.shape[1], n, stats.tiles.device)
+            ones = torch.ones(1, stats.tiles.shape[1], device=stats.tiles.device)
+            per_sequence.append(PBSStats(tiles=tiles, key_positions=positions, density=ones, dense=True))
+            continue
+        tiles = stats.tiles[one, :, first:n_blocks, :n_blocks].contiguous()
+        per_sequence.append(
+            dataclasses.replace(
+                stats,
+                tiles=tiles,
+                key_positions=stats.key_positions[one, :, :n].contiguous(),
+                density=density(tiles),
+                sorted_rows=None if stats.sorted_rows is None else stats.sorted_rows[one],
+            )
+        )
+    return per_sequence
+
+
+def _empty_stats(cu_seqlens_k: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cfg: PBSConfig) -> list[PBSStats]:
+    """Per-sequence stats of a batch without queries: each a dense call's."""
+    lengths = SequenceLengths(*(torch.tensor(x) for x in ((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().tolist(),
+                                                          [0] * (cu_seqlens_k.shape[0] - 1),
+                                                          [True] * (cu_seqlens_k.shape[0] - 1))))
+    heads = query.shape[1] if cfg.gqa == "per_head" else key.shape[1]
+    template = PBSStats(
+        tiles=torch.zeros(1, query.shape[1], 0, 0, dtype=torch.bool, device=query.device),
+        key_positions=torch.zeros(1, heads, 0, dtype=torch.int64, device=query.device),
+        density=torch.ones(1, query.shape[1], device=query.device),
+        dense=True,
+    )
+    return _sequence_stats(template, lengths, cfg)
+
+
+def _frame_slots(
+    cu_seqlens: torch.Tensor, lengths: torch.Tensor, total: int, frame: int, start: torch.Tensor
+) -> torch.Tensor:
+    """``[total]`` int64: the flat frame slot (``b * L + position``) of each packed token, the tokens of
+    sequence b from position ``start[b]`` on; computed on the device (no host synchronisation)."""
+    sequence = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=total
+    )
+    offset = torch.arange(total, device=lengths.device) - cu_seqlens[:-1].long()[sequence]
+    return sequence * frame + start[sequence] + offset
+
+
+def _to_frame(packed: torch.Tensor, slots: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
+    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands."""
+    flat = packed.new_zeros(batch * frame, *packed.shape[1:])
+    flat[slots] = packed
+    return flat.view(batch, frame, *packed.shape[1:]).permute(0, 2, 1, 3).contiguous()
+
+
+def _check_packed(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+) -> None:
+    tensors = {"query": query, "key": key, "value": value}
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [total_tokens, heads, head_dim], got {list(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES or x.dtype != query.dtype:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32 like query, got {x.dtype}")
+        if x.device != query.device:
+            raise ValueError(f"{name} device {x.device} does not match query device {query.device}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad: varlen_attention is inference-only; call it under "
+                             "torch.no_grad() or torch.inference_mode()")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"key head_dim {key.shape[2]} does not match query head_dim {query.shape[2]}")
+    if value.shape[:2] != key.shape[:2]:
+        raise ValueError(f"value [total_k, Hkv] {list(value.shape[:2])} does not match key {list(key.shape[:2])}")
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads {query.shape[1]} must be a positive multiple of key heads {key.shape[1]}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must have shape [batch + 1], got {list(cu.shape)}")
+        if cu.device != query.device:
+            raise ValueError(f"{name} device {cu.device} does not match query device {query.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.shape[0] - 1} and "
+            f"{cu_seqlens_k.shape[0] - 1} sequences"
+        )
+
+
+def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int) -> tuple[int, int]:
+    """Reads the offsets (a host synchronisation) and checks them; returns (max_seqlen_q, max_seqlen_k)."""
+    offsets = {"cu_seqlens_q": (cu_q.tolist(), total_q), "cu_seqlens_k": (cu_k.tolist(), total_k)}
+    for name, (cu, total) in offsets.items():
+        if cu[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {cu[0]}")
+        if any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {cu}")
+        if cu[-1] != total:
+            raise ValueError(f"{name} must end at the number of tokens {total}, got {cu[-1]}")
+    q_lens = [b - a for a, b in zip(offsets["cu_seqlens_q"][0], offsets["cu_seqlens_q"][0][1:])]
+    k_lens = [b - a for a, b in zip(offsets["cu_seqlens_k"][0], offsets["cu_seqlens_k"][0][1:])]
+    for b, (n_q, n) in enumerate(zip(q_lens, k_lens)):
+        if n_q > n:
+            raise ValueError(f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions")
+    return max(q_lens, default=0), max(k_lens, default=0)
