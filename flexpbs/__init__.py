@@ -1,8 +1,8 @@
 """flexpbs: Permuted Block-Sparse attention (PBS-Attn) on PyTorch FlexAttention.
 
-Public API: :func:`attention`, :func:`warmup`, :class:`PBSConfig`, :class:`PBSStats`,
-:mod:`flexpbs.nn` (``PBSAttention``) and :mod:`flexpbs.limits` (memory budgets). The dense float32
-oracle the tests compare against is :mod:`flexpbs.reference`.
+Public API: :func:`attention`, :func:`varlen_attention` (packed batches), :func:`warmup`,
+:class:`PBSConfig`, :class:`PBSStats`, :mod:`flexpbs.nn` (``PBSAttention``) and :mod:`flexpbs.limits`
+(memory budgets). The dense float32 oracle the tests compare against is :mod:`flexpbs.reference`.
 
 Shapes and words, the same in every module:
 
@@ -21,7 +21,8 @@ Shapes and words, the same in every module:
 from flexpbs import limits, nn
 from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
+from flexpbs.varlen import varlen_attention
 from flexpbs.warmup import warmup
 
-__all__ = ["attention", "warmup", "PBSConfig", "PBSStats", "nn", "limits"]
+__all__ = ["attention", "varlen_attention", "warmup", "PBSConfig", "PBSStats", "nn", "limits"]
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ class SequenceLengths(NamedTuple):
         return (rows >= first) & (rows < self.n_keys[:, None])
 
     def rows_per_block(self, frame: int, block_size: int, *, queries: bool) -> torch.Tensor:
-        """``[B, L / block_size, 1]`` float32: real rows (queries, or else keys) in each block of the frame."""
+        """``[B, L / block_size, 1]`` float32: real rows (queries, or else keys) in each frame block."""
         start = torch.arange(0, frame, block_size, device=self.n_keys.device)[None]
         end = self.n_keys[:, None]
         begin = (self.n_keys - self.n_queries)[:, None] if queries else torch.zeros_like(end)

@@ -103,7 +103,9 @@ def _real_first(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(index, (0, length - index.shape[-1])) if length > index.shape[-1] else index
+    return (
+        torch.nn.functional.pad(index, (0, length - index.shape[-1])) if length > index.shape[-1] else index
+    )
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

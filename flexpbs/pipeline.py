@@ -147,8 +147,9 @@ def _pbs_heads(
         ranked = importance
         if lengths is not None:  # tails and dense sequences keep their order (a stable sort of equals)
             complete = lengths.complete_keys(cfg.segment_size)[:, None, None]
-            ranked = importance.masked_fill(torch.arange(importance.shape[-1], device=query.device) >= complete,
-                                            float("-inf"))
+            ranked = importance.masked_fill(
+                torch.arange(importance.shape[-1], device=query.device) >= complete, float("-inf")
+            )
         perm = segment_permutation(ranked, n_keys, cfg.segment_size)
         key_p, value_p = permute_kv(key, value, perm)
     select = dict(

@@ -248,7 +248,10 @@ def select_tiles(
     offset = key_p.shape[2] - n_queries
     first_query_block = offset // block_size
     if lengths is None:
-        pooled_q, pooled_k = pool_blocks(query, block_size, lead=offset % block_size), pool_blocks(key_p, block_size)
+        pooled_q, pooled_k = (
+            pool_blocks(query, block_size, lead=offset % block_size),
+            pool_blocks(key_p, block_size),
+        )
     else:  # a frame: zero rows outside each sequence, means over its real rows
         frame = key_p.shape[2]
         pooled_q, pooled_k = (

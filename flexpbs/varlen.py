@@ -12,6 +12,7 @@ keys, since each sequence has its own frame row. :func:`frame_attention` also se
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -131,7 +132,9 @@ def _sequence_stats(stats: PBSStats, lengths: SequenceLengths, cfg: PBSConfig) -
         first = (n - n_q) // cfg.block_size if n_q else n_blocks
         one = slice(b, b + 1)
         if dense or n_q == 0:
-            causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=stats.tiles.device).tril()[first:]
+            causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=stats.tiles.device).tril()[
+                first:
+            ]
             tiles = causal.expand(1, stats.tiles.shape[1], *causal.shape).contiguous()
             positions = identity_permutation(1, stats.key_positions.shape[1], n, stats.tiles.device)
             ones = torch.ones(1, stats.tiles.shape[1], device=stats.tiles.device)
@@ -150,11 +153,20 @@ def _sequence_stats(stats: PBSStats, lengths: SequenceLengths, cfg: PBSConfig) -
     return per_sequence
 
 
-def _empty_stats(cu_seqlens_k: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cfg: PBSConfig) -> list[PBSStats]:
+def _empty_stats(
+    cu_seqlens_k: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cfg: PBSConfig
+) -> list[PBSStats]:
     """Per-sequence stats of a batch without queries: each a dense call's."""
-    lengths = SequenceLengths(*(torch.tensor(x) for x in ((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().tolist(),
-                                                          [0] * (cu_seqlens_k.shape[0] - 1),
-                                                          [True] * (cu_seqlens_k.shape[0] - 1))))
+    lengths = SequenceLengths(
+        *(
+            torch.tensor(x)
+            for x in (
+                (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().tolist(),
+                [0] * (cu_seqlens_k.shape[0] - 1),
+                [True] * (cu_seqlens_k.shape[0] - 1),
+            )
+        )
+    )
     heads = query.shape[1] if cfg.gqa == "per_head" else key.shape[1]
     template = PBSStats(
         tiles=torch.zeros(1, query.shape[1], 0, 0, dtype=torch.bool, device=query.device),
@@ -202,14 +214,20 @@ def _check_packed(
         if x.device != query.device:
             raise ValueError(f"{name} device {x.device} does not match query device {query.device}")
         if x.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad: varlen_attention is inference-only; call it under "
-                             "torch.no_grad() or torch.inference_mode()")
+            raise ValueError(
+                f"{name} requires grad: varlen_attention is inference-only; call it under "
+                "torch.no_grad() or torch.inference_mode()"
+            )
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"key head_dim {key.shape[2]} does not match query head_dim {query.shape[2]}")
     if value.shape[:2] != key.shape[:2]:
-        raise ValueError(f"value [total_k, Hkv] {list(value.shape[:2])} does not match key {list(key.shape[:2])}")
+        raise ValueError(
+            f"value [total_k, Hkv] {list(value.shape[:2])} does not match key {list(key.shape[:2])}"
+        )
     if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-        raise ValueError(f"query heads {query.shape[1]} must be a positive multiple of key heads {key.shape[1]}")
+        raise ValueError(
+            f"query heads {query.shape[1]} must be a positive multiple of key heads {key.shape[1]}"
+        )
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -221,8 +239,8 @@ def _check_packed(
             raise ValueError(f"{name} device {cu.device} does not match query device {query.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.shape[0] - 1} and "
-            f"{cu_seqlens_k.shape[0] - 1} sequences"
+            "cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+            f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1} sequences"
         )
 
 
@@ -232,13 +250,14 @@ def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k
     for name, (cu, total) in offsets.items():
         if cu[0] != 0:
             raise ValueError(f"{name} must start at 0, got {cu[0]}")
-        if any(b < a for a, b in zip(cu, cu[1:])):
+        if any(b < a for a, b in itertools.pairwise(cu)):
             raise ValueError(f"{name} must be non-decreasing, got {cu}")
         if cu[-1] != total:
             raise ValueError(f"{name} must end at the number of tokens {total}, got {cu[-1]}")
-    q_lens = [b - a for a, b in zip(offsets["cu_seqlens_q"][0], offsets["cu_seqlens_q"][0][1:])]
-    k_lens = [b - a for a, b in zip(offsets["cu_seqlens_k"][0], offsets["cu_seqlens_k"][0][1:])]
-    for b, (n_q, n) in enumerate(zip(q_lens, k_lens)):
+    q_lens, k_lens = ([b - a for a, b in itertools.pairwise(cu)] for cu, _ in offsets.values())
+    for b, (n_q, n) in enumerate(zip(q_lens, k_lens, strict=True)):
         if n_q > n:
-            raise ValueError(f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions")
+            raise ValueError(
+                f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions"
+            )
     return max(q_lens, default=0), max(k_lens, default=0)

@@ -1,0 +1,181 @@
+"""flexpbs.varlen_attention: a packed batch gives, per sequence, what a call on that sequence alone gives."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import flexpbs
+from flexpbs import PBSConfig, reference
+from tests.helpers import sdpa_causal
+from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
+
+HQ, HKV, D = 4, 2, 16
+
+
+def packed_batch(lengths: list[tuple[int, int]], seed: int, dtype=torch.float32, sharpness: float = 3.0):
+    """(q [total_q, Hq, D], k, v [total_k, Hkv, D], cu_q, cu_k, per-sequence [1, H, N, D] tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = []
+    for n_q, n in lengths:
+        q = torch.randn(1, HQ, n, D, generator=gen)[:, :, n - n_q :] * sharpness
+        k, v = torch.randn(1, HKV, n, D, generator=gen), torch.randn(1, HKV, n, D, generator=gen)
+        sequences.append(tuple(x.to(dtype) for x in (q, k, v)))
+
+    def pack(index):
+        parts = [s[index][0].transpose(0, 1) for s in sequences]  # [N, H, D]
+        return torch.cat(parts) if parts else torch.zeros(0, (HQ, HKV, HKV)[index], D, dtype=dtype)
+
+    def offsets(index):
+        sizes = torch.tensor([0] + [s[index].shape[2] for s in sequences])
+        return sizes.cumsum(0).to(torch.int32)
+
+    return pack(0), pack(1), pack(2), offsets(0), offsets(1), sequences
+
+
+def unpack(out: torch.Tensor, cu_q: torch.Tensor, b: int) -> torch.Tensor:
+    """Sequence b's rows of a packed ``[total_q, Hq, Dv]`` output, as ``[1, Hq, Nq, Dv]``."""
+    return out[cu_q[b] : cu_q[b + 1]].transpose(0, 1)[None]
+
+
+@st.composite
+def batches(draw):
+    """Up to four sequences: whole prompts and chunks, short (dense) ones, chunks without queries."""
+    count = draw(st.integers(1, 4))
+    lengths = []
+    for _ in range(count):
+        n = draw(st.sampled_from([1, 100, 130, 257, 300, 511, 640, 700]))
+        n_q = draw(st.sampled_from([n, n, n // 2, 1, 0])) if n > 1 else 1
+        lengths.append((n_q, n))
+    return lengths
+
+
+@settings(max_examples=25)
+@given(
+    lengths=batches(),
+    seed=st.integers(0, 2**16),
+    threshold=st.sampled_from([0.5, 0.9, 1.0]),
+    mode=st.sampled_from(
+        [
+            dict(),
+            dict(gqa="per_head"),
+            dict(key_order="original"),
+            dict(exact_last_block=True),
+            dict(max_shrink=0.1),
+        ]
+    ),
+)
+def test_each_sequence_gets_what_a_call_on_it_alone_gives(lengths, seed, threshold, mode):
+    cfg = PBSConfig(block_size=64, segment_size=128, threshold=threshold, **mode)
+    q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed)
+    out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, config=cfg, return_stats=True)
+    assert out.shape == (q.shape[0], HQ, D) and len(stats) == len(lengths)
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, config=cfg, return_stats=True)
+        got, got_stats = unpack(out, cu_q, b), stats[b]
+        assert got_stats.dense == alone_stats.dense
+        assert got_stats.tiles.shape == alone_stats.tiles.shape
+        if got_stats.dense or q_b.shape[2] == 0:
+            torch.testing.assert_close(got, alone, rtol=0, atol=FP32_ATOL)
+            continue
+        if cfg.key_order == "sorted" and cfg.max_shrink is None:
+            imp = reference.importance(q_b, k_b, cfg)
+            assert_same_permutation_up_to_ties(got_stats.key_positions, alone_stats.key_positions, imp)
+        if cfg.max_shrink is None and not cfg.exact_last_block:
+            # the selection is the oracle's on the key order varlen chose
+            assert torch.equal(got_stats.tiles, reference.selection(q_b, k_b, got_stats.key_positions, cfg))
+        if torch.equal(got_stats.key_positions, alone_stats.key_positions):
+            assert torch.equal(got_stats.tiles, alone_stats.tiles)
+            torch.testing.assert_close(got, alone, rtol=0, atol=FP32_ATOL)
+        mask = reference.token_mask(got_stats.tiles, got_stats.key_positions, 64, q_b.shape[2])
+        want = reference.masked_attention(q_b, k_b, v_b, mask, D**-0.5)
+        torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, FP32_ATOL), (torch.bfloat16, 3e-2)])
+def test_threshold_one_is_dense_bottom_right_causal_per_sequence(dtype, atol):
+    lengths = [(700, 700), (300, 640), (1, 257), (100, 100), (0, 300)]
+    q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed=3, dtype=dtype)
+    out = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, block_size=64, segment_size=128, threshold=1.0)
+    assert out.dtype == dtype and out.shape == (1101, HQ, D)
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        if q_b.shape[2]:
+            torch.testing.assert_close(
+                unpack(out, cu_q, b).float(), sdpa_causal(q_b, k_b, v_b), rtol=0, atol=atol
+            )
+
+
+def test_given_maxima_give_the_same_result_without_reading_the_offsets():
+    lengths = [(700, 700), (257, 600), (50, 150)]
+    q, k, v, cu_q, cu_k, _ = packed_batch(lengths, seed=5)
+    options = dict(block_size=64, segment_size=128, threshold=0.6)
+    want = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **options)
+    got = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=700, max_seqlen_k=700, **options)
+    assert torch.equal(got, want)
+    # larger maxima than needed: a longer frame, the same result
+    got = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=900, max_seqlen_k=1000, **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+
+
+def test_new_batch_compositions_compile_nothing():
+    options = dict(block_size=64, segment_size=128, threshold=0.6)
+    flexpbs.varlen_attention(*packed_batch([(600, 600), (200, 400)], seed=1)[:5], **options)
+    flexpbs.varlen_attention(*packed_batch([(600, 600)], seed=1)[:5], **options)  # a batch of one
+    before = counters["stats"]["unique_graphs"]
+    for seed, lengths in enumerate(
+        [[(300, 300), (500, 700), (1, 129)], [(999, 999)], [(64, 1000), (70, 70)] * 3]
+    ):
+        flexpbs.varlen_attention(*packed_batch(lengths, seed=seed)[:5], **options)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_an_empty_batch_and_a_batch_without_queries():
+    q, k, v, cu_q, cu_k, _ = packed_batch([(0, 300), (0, 20)], seed=0)
+    out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, return_stats=True)
+    assert out.shape == (0, HQ, D) and [s.dense for s in stats] == [True, True]
+    q, k, v, cu_q, cu_k, _ = packed_batch([], seed=0)
+    assert flexpbs.varlen_attention(q, k, v, cu_q, cu_k).shape == (0, HQ, D)
+
+
+def _offsets(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(cu_seqlens_q=_offsets(0, 300, 250)), ValueError, "cu_seqlens_q must be non-decreasing"),
+        (dict(cu_seqlens_k=_offsets(1, 300, 400)), ValueError, "cu_seqlens_k must start at 0"),
+        (
+            dict(cu_seqlens_k=_offsets(0, 300, 399)),
+            ValueError,
+            "cu_seqlens_k must end at the number of tokens 400",
+        ),
+        (
+            dict(cu_seqlens_q=_offsets(0, 300, 350), cu_seqlens_k=_offsets(0, 200, 400)),
+            ValueError,
+            "sequence 0 has 300 queries but 200 keys",
+        ),
+        (dict(cu_seqlens_q=_offsets(0, 300, 350).long()), TypeError, "cu_seqlens_q must be int32"),
+        (dict(cu_seqlens_q=_offsets(0, 350)), ValueError, "the same batch"),
+        (
+            dict(cu_seqlens_k=_offsets(0, 300, 400)[None]),
+            ValueError,
+            r"cu_seqlens_k must have shape \[batch \+ 1\]",
+        ),
+        (dict(query=torch.zeros(350, HQ, 8)), ValueError, "key head_dim"),
+        (dict(query=torch.zeros(350, 3, D)), ValueError, "query heads 3"),
+        (dict(key=torch.zeros(1, 400, HKV, D)), ValueError, "key must have shape"),
+        (dict(value=torch.zeros(400, HKV, D, dtype=torch.float64)), TypeError, "value must be float16"),
+        (dict(max_seqlen_q=300, max_seqlen_k=-1), TypeError, "max_seqlen_k"),
+        (dict(threshold=0.0), ValueError, "threshold"),
+    ],
+)
+def test_bad_packed_inputs_raise_naming_the_argument(change, error, match):
+    q, k, v, cu_q, cu_k, _ = packed_batch([(300, 300), (50, 100)], seed=0)
+    args = dict(query=q, key=k, value=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    options = {name: change.pop(name) for name in list(change) if name not in args}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        flexpbs.varlen_attention(**args, **options)
