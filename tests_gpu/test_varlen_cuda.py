@@ -1,0 +1,46 @@
+"""Packed batches on the GPU: per-sequence results, and a call captured in a CUDA graph."""
+
+import torch
+
+import flexpbs
+from tests.test_varlen import HKV, HQ, packed_batch, unpack
+
+if not torch.cuda.is_available():
+    raise RuntimeError("tests_gpu needs a CUDA device")
+
+LENGTHS = [(4096, 4096), (1000, 6000), (300, 300), (2500, 5000)]
+OPTIONS = dict(threshold=0.8, min_seq_len=0, backend="triton")
+
+
+def cuda_batch(dtype=torch.bfloat16):
+    q, k, v, cu_q, cu_k, sequences = packed_batch(LENGTHS, seed=11, dtype=dtype)
+    return (*(x.cuda() for x in (q, k, v, cu_q, cu_k)), [tuple(x.cuda() for x in s) for s in sequences])
+
+
+def test_each_sequence_equals_a_call_on_it_alone_on_cuda():
+    q, k, v, cu_q, cu_k, sequences = cuda_batch()
+    out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, return_stats=True, **OPTIONS)
+    assert out.shape == (q.shape[0], HQ, v.shape[-1]) and k.shape[1] == HKV
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, return_stats=True, **OPTIONS)
+        assert stats[b].dense == alone_stats.dense
+        if torch.equal(stats[b].key_positions, alone_stats.key_positions):
+            assert torch.equal(stats[b].tiles, alone_stats.tiles)
+        torch.testing.assert_close(unpack(out, cu_q, b).float(), alone.float(), rtol=0, atol=3e-2)
+
+
+def test_a_call_with_given_maxima_is_captured_in_a_cuda_graph():
+    q, k, v, cu_q, cu_k, _ = cuda_batch()
+    maxima = dict(max_seqlen_q=4096, max_seqlen_k=6000)
+    call = lambda: flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **maxima, **OPTIONS)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compiles and fills the caches before capture
+        eager = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
