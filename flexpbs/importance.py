@@ -15,7 +15,7 @@ import os
 import torch
 from einops import rearrange
 
-from flexpbs.lengths import SequenceLengths
+from flexpbs.lengths import SequenceLengths, last_queries
 from flexpbs.limits import LIMITS
 
 
@@ -56,11 +56,9 @@ def last_block_importance(
         key_ok, row_ok, row_count = None, None, rows
     else:  # each sequence's last queries first (in order), unused rows after them
         used = lengths.n_queries.clamp(max=block_size)
-        first = (lengths.n_keys - used)[:, None] + torch.arange(rows, device=query.device)
+        q_last = last_queries(query, lengths, block_size)
         row_ok = torch.arange(rows, device=query.device) < used[:, None]  # [B, rows]
-        index = torch.where(row_ok, first, 0)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
         row_count = used.clamp_min(1)
-        q_last = query.gather(2, index)
         key_ok = torch.arange(n_complete, device=key.device) < lengths.complete_keys(segment_size)[:, None]
         row_ok = row_ok[:, None, None, :, None]  # [B, 1, 1, rows, 1]
         key_ok = key_ok[:, None, None, None, :]  # [B, 1, 1, 1, Nc]
@@ -123,12 +121,10 @@ def key_importance(
     kernel: str,
     lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
-    """:func:`last_block_importance` through the implementation ``kernel`` names ("triton", "torch").
-    Sequences of different lengths (``lengths``) take the PyTorch path: the kernel has no per-sequence
-    lengths yet."""
+    """:func:`last_block_importance` through the implementation ``kernel`` names ("triton", "torch")."""
     args = dict(block_size=block_size, segment_size=segment_size, scale=scale, per_query_head=per_query_head)
-    if kernel == "triton" and lengths is None:
+    if kernel == "triton":
         from flexpbs.kernels.importance import triton_last_block_importance
 
-        return triton_last_block_importance(query, key, **args)
+        return triton_last_block_importance(query, key, **args, lengths=lengths)
     return last_block_importance(query, key, **args, lengths=lengths)

@@ -61,6 +61,19 @@ class SequenceLengths(NamedTuple):
         return (cdiv_tensor(self.n_keys, block_size) - 1).clamp_min(0)
 
 
+def last_queries(query: torch.Tensor, lengths: SequenceLengths, block_size: int) -> torch.Tensor:
+    """The importance pass's queries of a frame ``query [B, Hq, L, D]``: each sequence's last
+    ``min(block_size, Nq_b)`` queries, in order, first; zero rows after them. ``[B, Hq, rows, D]``,
+    rows = min(block_size, L)."""
+    rows = min(block_size, query.shape[2])
+    used = lengths.n_queries.clamp(max=block_size)
+    offsets = torch.arange(rows, device=query.device)
+    row_ok = offsets < used[:, None]  # [B, rows]
+    index = torch.where(row_ok, (lengths.n_keys - used)[:, None] + offsets, 0)
+    picked = query.gather(2, index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+    return picked * row_ok[:, None, :, None]
+
+
 def cdiv_tensor(a: torch.Tensor, b: int) -> torch.Tensor:
     """Elementwise ``ceil(a / b)`` of a non-negative integer tensor (:func:`flexpbs.tile_grid.cdiv`)."""
     return torch.div(a + (b - 1), b, rounding_mode="floor")

@@ -69,8 +69,7 @@ def varlen_attention(
             do not end at the totals or give a sequence more queries than keys (checked when they are
             read), or bad options.
 
-    Eager only (inside ``torch.compile`` the call breaks the graph). The importance pass takes the
-    PyTorch path here (the Triton kernel has no per-sequence lengths yet).
+    Eager only (inside ``torch.compile`` the call breaks the graph).
     """
     cfg = PBSConfig.resolve(config, options)
     _check_packed(query, key, value, cu_seqlens_q, cu_seqlens_k)

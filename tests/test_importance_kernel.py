@@ -15,6 +15,7 @@ import flexpbs  # noqa: E402
 from flexpbs.importance import last_block_importance  # noqa: E402
 from flexpbs.kernels import importance as kernel_module  # noqa: E402
 from flexpbs.kernels.importance import triton_last_block_importance  # noqa: E402
+from flexpbs.lengths import SequenceLengths  # noqa: E402
 from tests.helpers import Case, make_qkv  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -141,6 +142,10 @@ def test_custom_op_registration_and_compile():
     case = Case(batch=1, kv_heads=1, group=2, seq_len=70, head_dim=16, block_size=16, segment_size=32, seed=6)
     q, k = _inputs(case, torch.float32)
     torch.library.opcheck(torch.ops.flexpbs.last_block_importance.default, (q, k, 16, 32, 0.25, True))
+    lengths = (torch.tensor([70]), torch.tensor([40]), torch.tensor([False]))  # a frame of one sequence
+    torch.library.opcheck(
+        torch.ops.flexpbs.last_block_importance.default, (q, k, 16, 32, 0.25, False, *lengths)
+    )
 
     def score(q, k):
         args = dict(block_size=16, segment_size=32, scale=0.25, per_query_head=False)
@@ -204,3 +209,24 @@ def test_pipeline_with_the_triton_kernel_equals_the_torch_path(seq_len, group, g
     if torch.equal(st_t.key_positions, st_r.key_positions):
         assert torch.equal(st_t.tiles, st_r.tiles)
         torch.testing.assert_close(out_t, out_r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_kernel_takes_per_sequence_lengths_of_a_frame(per_query_head):
+    """Sequences of different lengths in a frame: each row of the batch equals the kernel (and the
+    PyTorch path) on that sequence alone; a sequence without complete segments gets no columns."""
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(3, 4, 640, 32, generator=gen), torch.randn(3, 2, 640, 32, generator=gen)
+    lengths = SequenceLengths(
+        torch.tensor([640, 300, 100]), torch.tensor([640, 50, 100]), torch.tensor([0, 0, 1]).bool()
+    )
+    args = dict(block_size=64, segment_size=128, scale=0.2, per_query_head=per_query_head)
+    got = kernel_module.triton_last_block_importance(q, k, **args, lengths=lengths)
+    torch.testing.assert_close(got, last_block_importance(q, k, **args, lengths=lengths), **TOL)
+    for b, (n, n_q) in enumerate([(640, 640), (300, 50)]):
+        alone = kernel_module.triton_last_block_importance(
+            q[b : b + 1, :, n - n_q : n], k[b : b + 1, :, :n], **args
+        )
+        torch.testing.assert_close(got[b : b + 1, :, : alone.shape[-1]], alone, **TOL)
+        assert (got[b, :, alone.shape[-1] :] == 0).all()
+    assert (got[2] == 0).all()  # 100 keys: no complete segment

@@ -179,3 +179,17 @@ def test_bad_packed_inputs_raise_naming_the_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         flexpbs.varlen_attention(**args, **options)
+
+
+def test_the_triton_importance_kernel_takes_the_frame():
+    """The importance kernel's per-sequence lengths (in Triton's CPU interpreter here) select what the
+    PyTorch path selects."""
+    pytest.importorskip("triton")
+    q, k, v, cu_q, cu_k, _ = packed_batch([(700, 700), (100, 600), (50, 100)], seed=9)
+    options = dict(block_size=64, segment_size=128, threshold=0.7, return_stats=True)
+    out_t, stats_t = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, importance_kernel="triton", **options)
+    out_p, stats_p = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, importance_kernel="torch", **options)
+    for got, want in zip(stats_t, stats_p, strict=True):
+        assert torch.equal(got.key_positions, want.key_positions) and torch.equal(got.tiles, want.tiles)
+    assert [s.importance_kernel for s in stats_t[:2]] == ["triton", "triton"]
+    torch.testing.assert_close(out_t, out_p, rtol=0, atol=FP32_ATOL)

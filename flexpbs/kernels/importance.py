@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.lengths import SequenceLengths, last_queries
 from flexpbs.validation import check_inputs
 
 _LOG2E = math.log2(math.e)
@@ -105,6 +106,8 @@ def _row_stats_kernel(
     tiles_per_split,
     stats_per_split,
     scale_log2,
+    rows_ptr,
+    complete_ptr,
     GROUP: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,6 +115,7 @@ def _row_stats_kernel(
     POSITIVE_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Partial softmax statistics of one tile of query rows over one range of keys.
 
@@ -119,7 +123,8 @@ def _row_stats_kernel(
     to each other and share its key tiles in L2. The rows of a KV group are flattened head-major:
     flat row ``m`` is row ``m % rows`` of the last block of query head ``kv * GROUP + m // rows``,
     which is also its offset in the ``[B, Hq, rows]`` statistics.
-    Writes ``max_ptr/sum_ptr[split, b, h, r]`` (float32, base-2 logits).
+    Writes ``max_ptr/sum_ptr[split, b, h, r]`` (float32, base-2 logits). ``VARLEN``: sequence b uses its
+    first ``rows_ptr[b]`` rows and ``complete_ptr[b]`` keys (a split past them stays empty: -inf, 0).
     """
     row_tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,6 +137,9 @@ def _row_stats_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < group_rows
+    if VARLEN:
+        n_complete = tl.load(complete_ptr + batch)
+        row_ok = row_ok & (offs_m % rows < tl.load(rows_ptr + batch))
     d_ok = offs_d < head_dim
 
     # int64 bases: batch/head strides times indices overflow int32 past ~2G elements.
@@ -158,7 +166,7 @@ def _row_stats_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, n_complete)
+    end = tl.maximum(tl.minimum(start + tiles_per_split * BLOCK_N, n_complete), start)
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     # Whole tiles skip the column mask; only the ragged last tile of the last split needs it.
     for n0 in range(start, full_end, BLOCK_N):
@@ -187,11 +195,16 @@ def _merge_stats_kernel(max_ptr, sum_ptr, lse_ptr, n_stats, splits, BLOCK: tl.co
     top = tl.full([BLOCK], float("-inf"), tl.float32)
     for split in range(splits):
         top = tl.maximum(top, tl.load(max_ptr + split * n_stats + offs, mask=ok, other=0.0))
+    # A row without keys (a sequence of a frame without complete segments) has top -inf: keep its
+    # arithmetic finite (lse -inf) rather than computing -inf - -inf.
+    finite_top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK], tl.float32)
     for split in range(splits):
         part_max = tl.load(max_ptr + split * n_stats + offs, mask=ok, other=0.0)
-        total += tl.load(sum_ptr + split * n_stats + offs, mask=ok, other=1.0) * tl.exp2(part_max - top)
-    tl.store(lse_ptr + offs, top + tl.log2(total), mask=ok)
+        total += tl.load(sum_ptr + split * n_stats + offs, mask=ok, other=1.0) * tl.exp2(
+            part_max - finite_top
+        )
+    tl.store(lse_ptr + offs, top + tl.log2(tl.maximum(total, 1.0)), mask=ok)
 
 
 @triton.jit(do_not_specialize=[*_LENGTH_ARGS, "stride_ob", "stride_oh"])
@@ -217,6 +230,8 @@ def _column_mass_kernel(
     head_dim,
     scale_log2,
     inv_count,
+    rows_ptr,
+    complete_ptr,
     GROUP: tl.constexpr,
     HEADS_PER_OUT: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -224,13 +239,15 @@ def _column_mass_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Mean softmax probability of one tile of keys, for every output head of one KV head.
 
     Program ``(key tile, batch * kv_heads + kv head)``. The key tile is loaded once and meets the
     last-block rows of all ``GROUP`` query heads of its KV group. Output head ``o`` averages the
     ``HEADS_PER_OUT`` query heads ``o * HEADS_PER_OUT ...`` (all of the group when shared, one per
-    query head otherwise). Writes ``out[b, o, tile]`` (float32).
+    query head otherwise). Writes ``out[b, o, tile]`` (float32). ``VARLEN``: as in
+    :func:`_row_stats_kernel`; columns past a sequence's ``complete_ptr[b]`` are not written.
     """
     out_per_kv = GROUP // HEADS_PER_OUT
     key_tile = tl.program_id(0)
@@ -241,6 +258,11 @@ def _column_mass_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     cols = key_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
+    used_rows = rows
+    if VARLEN:
+        n_complete = tl.load(complete_ptr + batch)
+        used_rows = tl.load(rows_ptr + batch)
+        inv_count = 1.0 / (HEADS_PER_OUT * used_rows).to(tl.float32)
     col_ok = cols < n_complete
     d_ok = offs_d < head_dim
 
@@ -267,7 +289,7 @@ def _column_mass_kernel(
         mass = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for m0 in range(0, out_rows, BLOCK_M):
             flat = m0 + offs_m
-            row_ok = flat < out_rows
+            row_ok = (flat < out_rows) & (flat % rows < used_rows)
             q_head = (out_head * HEADS_PER_OUT + flat // rows).to(tl.int64)
             q_row = n_queries - rows + flat % rows
             q_ptrs = q_base + q_head[:, None] * stride_qh + q_row[:, None] * stride_qn
@@ -354,8 +376,10 @@ def _row_lse(
     scale_log2: float,
     tiles: _Tiles,
     splits: int | None,
+    varlen: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Pass 1: ``[B * Hq * rows]`` float32 log2-sum-exp2 of each last-block row's base-2 logits."""
+    """Pass 1: ``[B * Hq * rows]`` float32 log2-sum-exp2 of each last-block row's base-2 logits.
+    ``varlen``: per-sequence ``(rows, complete keys)`` int32 ``[B]`` (see :func:`launch`)."""
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -370,10 +394,15 @@ def _row_lse(
             splits = max(1, min(wanted, key_tiles // 8))
     tiles_per_split = triton.cdiv(key_tiles, max(1, min(splits, key_tiles)))
     splits = triton.cdiv(key_tiles, tiles_per_split)  # no empty split: every row max stays finite
+    rows_ptr, complete_ptr = varlen if varlen is not None else (_unused(query.device),) * 2
 
     stats_per_split = batch * q_heads * rows
-    part_max = torch.empty(splits, stats_per_split, dtype=torch.float32, device=query.device)
-    part_sum = torch.empty_like(part_max)
+    if varlen is None:
+        part_max = torch.empty(splits, stats_per_split, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+    else:  # rows past a sequence's own are never written: give them an empty split's statistics
+        part_max = torch.full((splits, stats_per_split), float("-inf"), device=query.device)
+        part_sum = torch.zeros_like(part_max)
     _row_stats_kernel[(row_tiles, splits, batch * kv_heads)](
         query,
         key,
@@ -389,11 +418,14 @@ def _row_lse(
         tiles_per_split,
         stats_per_split,
         scale_log2,
+        rows_ptr,
+        complete_ptr,
         GROUP=group,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         POSITIVE_SCALE=scale_log2 >= 0,
+        VARLEN=varlen is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # see _stats_update
@@ -415,8 +447,10 @@ def _column_mass(
     rows: int,
     scale_log2: float,
     tiles: _Tiles,
+    varlen: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
-    """Pass 2: fills ``out [B, Hp, Nc]`` with the mean probability of each key."""
+    """Pass 2: fills ``out [B, Hp, Nc]`` with the mean probability of each key (``varlen``: within each
+    sequence's complete keys)."""
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -438,6 +472,7 @@ def _column_mass(
         head_dim,
         scale_log2,
         1.0 / (heads_per_out * rows),
+        *(varlen if varlen is not None else (_unused(query.device),) * 2),
         GROUP=group,
         HEADS_PER_OUT=heads_per_out,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
@@ -445,8 +480,15 @@ def _column_mass(
         BLOCK_N=tiles.block_n,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        VARLEN=varlen is not None,
         **_common(query),
     )
+
+
+@functools.cache
+def _unused(device: torch.device) -> torch.Tensor:
+    """An int32 tensor for the per-sequence pointers of a call without them (never read)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def launch(
@@ -460,23 +502,35 @@ def launch(
     block_m: int | None = None,
     block_n: int | None = None,
     splits: int | None = None,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
     """Runs both passes; ``block_m``/``block_n``/``splits`` override the tiling (tests use them).
 
     Args:
         query: ``[B, Hq, Nq, D]``.
         key: ``[B, Hkv, N, D]``, N >= Nq.
+        lengths: sequences of different lengths in a frame (:mod:`flexpbs.lengths`): each sequence's
+            last ``min(block_size, Nq_b)`` queries (gathered first, here) and complete segments.
 
     Returns:
-        ``[B, Hp, Nc]`` float32 (see :func:`triton_last_block_importance`).
+        ``[B, Hp, Nc]`` float32 (see :func:`triton_last_block_importance`); with ``lengths``, 0 past
+        each sequence's complete segments.
     """
+    varlen = None
+    if lengths is not None:
+        query = last_queries(query, lengths, block_size)
+        rows_used = lengths.n_queries.clamp(max=block_size)
+        complete = lengths.complete_keys(segment_size) * (rows_used > 0)
+        varlen = (rows_used.clamp_min(1).to(torch.int32), complete.to(torch.int32))
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     n_complete = key.shape[2] // segment_size * segment_size
     rows = min(block_size, n_queries)
     out_heads = q_heads if per_query_head else kv_heads
-    out = torch.empty(batch, out_heads, n_complete, dtype=torch.float32, device=query.device)
+    # a sequence's columns past its complete keys are not written: zeros
+    empty = torch.zeros if lengths is not None else torch.empty
+    out = empty(batch, out_heads, n_complete, dtype=torch.float32, device=query.device)
     if n_complete == 0 or out.numel() == 0:
         return out
 
@@ -490,9 +544,16 @@ def launch(
         stats_tiles, mass_tiles = stats_tiles._replace(block_n=block_n), mass_tiles._replace(block_n=block_n)
     scale_log2 = float(scale) * _LOG2E
     lse = _row_lse(
-        query, key, rows=rows, n_complete=n_complete, scale_log2=scale_log2, tiles=stats_tiles, splits=splits
+        query,
+        key,
+        rows=rows,
+        n_complete=n_complete,
+        scale_log2=scale_log2,
+        tiles=stats_tiles,
+        splits=splits,
+        varlen=varlen,
     )
-    _column_mass(query, key, lse, out, rows=rows, scale_log2=scale_log2, tiles=mass_tiles)
+    _column_mass(query, key, lse, out, rows=rows, scale_log2=scale_log2, tiles=mass_tiles, varlen=varlen)
     return out
 
 
@@ -515,6 +576,9 @@ def _importance_op(
     segment_size: int,
     scale: float,
     per_query_head: bool,
+    n_keys: torch.Tensor | None = None,
+    n_queries: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # An opaque op: torch.compile neither traces nor re-launches the kernels, and under the
     # interpreter a bare @triton.jit call inside a compiled function would fail.
@@ -527,6 +591,7 @@ def _importance_op(
             segment_size=segment_size,
             scale=scale,
             per_query_head=per_query_head,
+            lengths=None if n_keys is None else SequenceLengths(n_keys, n_queries, dense),
         )
 
 
@@ -538,6 +603,9 @@ def _importance_op_fake(
     segment_size: int,
     scale: float,
     per_query_head: bool,
+    n_keys: torch.Tensor | None = None,
+    n_queries: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, q_heads = query.shape[:2]
     out_heads = q_heads if per_query_head else key.shape[1]
@@ -553,6 +621,7 @@ def triton_last_block_importance(
     segment_size: int,
     scale: float,
     per_query_head: bool,
+    lengths: SequenceLengths | None = None,
 ) -> torch.Tensor:
     """Importance of every key of the complete segments, computed by the Triton kernels.
 
@@ -567,17 +636,26 @@ def triton_last_block_importance(
         segment_size: only the first ``Nc = floor(N / segment_size) * segment_size`` keys are scored.
         scale: logit scale.
         per_query_head: one importance row per query head instead of per KV head.
+        lengths: sequences of different lengths in a frame (:mod:`flexpbs.lengths`).
 
     Returns:
         ``[B, Hp, Nc]`` float32, Hp = Hq if ``per_query_head`` else Hkv. Each row sums to 1
-        (when Nc > 0).
+        (when Nc > 0); with ``lengths``, 0 past each sequence's complete segments.
 
     Raises:
         TypeError: dtypes are not float16/bfloat16/float32 or differ.
         ValueError: ranks or shapes do not match, D > 256, or block/segment size is not positive.
     """
     _check_kernel_inputs(query, key, block_size, segment_size)
-    return _importance_op(query, key, int(block_size), int(segment_size), float(scale), bool(per_query_head))
+    return _importance_op(
+        query,
+        key,
+        int(block_size),
+        int(segment_size),
+        float(scale),
+        bool(per_query_head),
+        *(lengths or (None,) * 3),
+    )
 
 
 def compiled_variants() -> int:
