@@ -102,6 +102,8 @@ def sdpa_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def section_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: list[int], prompt: int, options: dict
 ) -> list[dict]:
+    """One prompt in chunks of each size, twice, beside the whole prompt in one call and SDPA over the
+    same chunks."""
     qp, kp, vp = prefix(q, prompt), prefix(k, prompt), prefix(v, prompt)
     whole = first_and_warm(lambda: flexpbs.attention(qp, kp, vp, **options), 3)[1]
 
@@ -132,6 +134,7 @@ def section_chunks(
 
 
 def section_hf(prompts: int, low: int, high: int, layers: int, options: dict) -> dict:
+    """``generate`` over random prompts with flexpbs (first and second pass) and with SDPA."""
     import transformers
 
     import flexpbs.integrations.transformers as fx

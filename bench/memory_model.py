@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 import flexpbs
 import flexpbs.pipeline
 import flexpbs.sparse_attention
+from flexpbs.lengths import SequenceLengths
 
 GiB = 2**30
 # (module, function, stage label), in pipeline order; the block mask is built inside the attention stage.
@@ -143,14 +144,33 @@ class MemoryCensus(TorchDispatchMode):
         self.peak = self.current
 
 
-def _meta_flex_attention(query, key, value, lists, positions, block_size, scale, kernel_options):
+def _meta_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lists: tuple[torch.Tensor, ...],
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    kernel_options: dict | None,
+) -> torch.Tensor:
     """Stand-in for compiled FlexAttention (``compiled_flex_call``) on meta tensors: its output and
     log-sum-exp."""
     torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)  # lse, freed on return
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
-def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, kernel, lengths=None):
+def _meta_triton_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    block_size: int,
+    segment_size: int,
+    scale: float,
+    per_query_head: bool,
+    kernel: str,
+    lengths: SequenceLengths | None = None,
+) -> torch.Tensor:
     """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
     statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
     batch, q_heads, n, _ = query.shape

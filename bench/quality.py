@@ -26,8 +26,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,9 @@ import flexpbs
 from flexpbs import PBSConfig
 
 from . import quality_report
+
+if TYPE_CHECKING:  # transformers is imported when a model is loaded, not with the harness
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LICENSES = ["GPL-3", "GFDL-1.3", "Apache-2.0", "Artistic", "LGPL-3"]
 TAIL = 512  # perplexity is also reported on the last TAIL tokens, where context is longest
@@ -73,7 +78,10 @@ FAMILIES = ("dense", *FAMILY_OPTIONS)
 
 
 def methods(
-    thresholds: list[float], segments: list[int], families=("dense", "PBS", "noperm"), max_shrink=0.1
+    thresholds: list[float],
+    segments: list[int],
+    families: Iterable[str] = ("dense", "PBS", "noperm"),
+    max_shrink: float = 0.1,
 ) -> list[Method]:
     """Dense first (when asked), then per segment and family, one method per threshold."""
     out = [Method("dense", None)] if "dense" in families else []
@@ -109,7 +117,8 @@ def texts() -> dict[str, list[Path]]:
     }
 
 
-def text_ids(tok, files: list[Path], n: int) -> torch.Tensor:
+def text_ids(tok: PreTrainedTokenizerBase, files: list[Path], n: int) -> torch.Tensor:
+    """``[1, n]`` token ids of the first ``n`` tokens of ``files`` joined with two newlines."""
     joined = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     ids = tok(joined, return_tensors="pt").input_ids[:, :n]
     if ids.shape[1] < n:
@@ -134,7 +143,18 @@ RECORDER = Recorder()
 _CURRENT: dict[str, PBSConfig | None] = {"config": None}
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention function for the current method: flexpbs on prefill (recording densities),
+    SDPA otherwise; ``query [B, Hq, N, D]``, ``key``/``value [B, Hkv, N, D]``, output ``[B, N, Hq, D]``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cfg = _CURRENT["config"]
@@ -153,7 +173,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
-def use(model, method: Method) -> None:
+def use(model: PreTrainedModel, method: Method) -> None:
+    """Makes ``model``'s attention run ``method`` in every layer."""
     from transformers import AttentionInterface
 
     AttentionInterface.register("flexpbs_quality", _attention)
@@ -162,14 +183,18 @@ def use(model, method: Method) -> None:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor) -> tuple[float, float, float]:
+def perplexity(model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(perplexity of all tokens, of the last TAIL tokens, mean density of the forward) of ``ids [1, N]``."""
     logits = model(ids).logits[0, :-1].float()
     nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
     dens = [d.mean().item() for d in RECORDER.density.values()]
     return nll.mean().exp().item(), nll[-TAIL:].mean().exp().item(), sum(dens) / len(dens) if dens else 1.0
 
 
-def passkey_prompt(tok, haystack: torch.Tensor, n: int, depth: float, key: int) -> torch.Tensor:
+def passkey_prompt(
+    tok: PreTrainedTokenizerBase, haystack: torch.Tensor, n: int, depth: float, key: int
+) -> torch.Tensor:
+    """``[1, n]`` ids: the haystack with the pass-key sentence at ``depth`` (0..1) and the question last."""
     needle = tok(
         f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", return_tensors="pt"
     ).input_ids
@@ -181,7 +206,16 @@ def passkey_prompt(tok, haystack: torch.Tensor, n: int, depth: float, key: int) 
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tok, haystack, n, trials, seed) -> tuple[float, float]:
+def passkey_accuracy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    haystack: torch.Tensor,
+    n: int,
+    trials: int,
+    seed: int,
+) -> tuple[float, float]:
+    """(share of ``trials`` seeded prompts of ``n`` tokens whose greedy answer holds the key, mean
+    density)."""
     rng = random.Random(seed)
     hits, dens = 0, []
     for _ in range(trials):
@@ -194,7 +228,7 @@ def passkey_accuracy(model, tok, haystack, n, trials, seed) -> tuple[float, floa
     return hits / trials, sum(dens) / len(dens)
 
 
-def _mean(values) -> float | None:
+def _mean(values: Iterable[float]) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
 
@@ -216,7 +250,11 @@ def query_block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float)
     return out
 
 
-def layer_analysis(captured, method_list: list[Method], block: int) -> list[dict]:
+def layer_analysis(
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    method_list: list[Method],
+    block: int,
+) -> list[dict]:
     """Density, recall and relative error per (method, layer, head); dense mass computed once per head."""
     rows = []
     for layer, (q, k, v) in sorted(captured.items()):
@@ -249,7 +287,14 @@ def layer_analysis(captured, method_list: list[Method], block: int) -> list[dict
 
 
 def run_perplexity(
-    model, tok, name: str, n: int, all_methods: list[Method], args: argparse.Namespace, results: dict, save
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    name: str,
+    n: int,
+    all_methods: list[Method],
+    args: argparse.Namespace,
+    results: dict,
+    save: Callable[[], None],
 ) -> None:
     """Perplexity of text ``name``'s first ``n`` tokens under every method, then (with dense among the
     methods) the per-layer analysis on the q/k/v of the dense run."""
@@ -301,7 +346,13 @@ def run_perplexity(
 
 
 def run_passkey(
-    model, tok, n: int, all_methods: list[Method], args: argparse.Namespace, results: dict, save
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    n: int,
+    all_methods: list[Method],
+    args: argparse.Namespace,
+    results: dict,
+    save: Callable[[], None],
 ) -> None:
     """Passkey accuracy at ``n`` tokens (licenses haystack) of dense and of the methods at the passkey
     thresholds."""

@@ -45,6 +45,7 @@ def load(paths: list[Path], segment: int | None = None) -> dict:
 
 
 def perplexity_tables(r: dict) -> str:
+    """Markdown: perplexity of every method, per (length, text)."""
     out = []
     groups = defaultdict(list)
     for row in r["perplexity"]:
@@ -61,6 +62,7 @@ def perplexity_tables(r: dict) -> str:
 
 
 def passkey_table(r: dict) -> str:
+    """Markdown: passkey accuracy per (length, method)."""
     out = ["| tokens | method | density | accuracy | trials |", "|---|---|---|---|---|"]
     for row in r["passkey"]:
         out.append(
@@ -71,6 +73,7 @@ def passkey_table(r: dict) -> str:
 
 
 def layer_table(r: dict) -> str:
+    """Markdown: density, recall and relative error averaged over layers and heads, per method."""
     agg = defaultdict(list)
     for row in r["layers"]:
         agg[(row["n"], row["text"], row["method"])].append(row)
@@ -124,6 +127,7 @@ def per_head_effect(r: dict, tol: float = 0.005) -> str:
 
 
 def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
+    """``{prefix}tradeoff_{text}_{N}.png``: density against perplexity (all tokens, last 512) per family."""
     groups = defaultdict(list)
     for row in r["perplexity"]:
         groups[(row["n"], row["text"])].append(row)
@@ -145,6 +149,7 @@ def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
 
 
 def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
+    """``{prefix}passkey_{N}.png``: density against passkey accuracy per family."""
     groups = defaultdict(list)
     for row in r["passkey"]:
         groups[row["n"]].append(row)
@@ -169,6 +174,7 @@ def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
 
 
 def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:
+    """``layer_density_{text}_{N}.png``: mean density per layer of each method at ``threshold``."""
     series = defaultdict(lambda: defaultdict(list))
     keys = set()
     for row in r["layers"]:
@@ -192,6 +198,8 @@ def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:
 
 
 def mask_picture(qkv_path: Path, out: Path, layer: int, head: int) -> None:
+    """``block_mask_layer{L}_head{H}.png``: one head's tiles over its block attention mass (log scale), in
+    original order and after permutation, from q/k/v captured by ``quality run``."""
     captured = torch.load(qkv_path)
     q, k, v = (t.float() for t in captured[layer])
     fig = Figure(figsize=(9, 4.4))

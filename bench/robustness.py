@@ -43,11 +43,13 @@ RESULTS: list[tuple[str, str, str]] = []  # (section, case, result) for the fina
 
 
 def report(section: str, case: str, result: str) -> None:
+    """Prints one check and keeps it for the final table."""
     print(f"[{section}] {case}: {result}", flush=True)
     RESULTS.append((section, case, result))
 
 
 def free() -> None:
+    """Releases what the previous check held (Python references, then cached device memory)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -57,6 +59,7 @@ def free() -> None:
 
 
 def section_memory(args: argparse.Namespace, dev: torch.device) -> None:
+    """Peak memory of one call and of each stage beyond q/k/v (meta-device census on the CPU)."""
     b, hq, hkv, d = 1, 32, 8, 128
     cfg = CONFIG
     for n in args.memory_lengths:
@@ -105,6 +108,7 @@ def section_memory(args: argparse.Namespace, dev: torch.device) -> None:
 
 
 def section_int32(args: argparse.Namespace, dev: torch.device) -> None:
+    """Shapes whose q passes 2^31 elements: sampled rows against float32 attention over the reported tiles."""
     small = args.small_n
     cfg = CONFIG
     q, k, v = stress_qkv(1, 8, 2, small, 64, torch.float32, dev, seed=1)
@@ -164,6 +168,7 @@ def fingerprint(*tensors: torch.Tensor) -> str:
 
 
 def section_determinism(args: argparse.Namespace, dev: torch.device) -> None:
+    """Three calls on the same inputs: bitwise-identical outputs and stats, and their fingerprint."""
     for n, gqa, dtype in [
         (args.det_n, "shared", torch.bfloat16),
         (args.det_n, "per_head", torch.bfloat16),
@@ -199,6 +204,8 @@ def section_determinism(args: argparse.Namespace, dev: torch.device) -> None:
 
 
 def section_numerics(args: argparse.Namespace, dev: torch.device) -> None:
+    """Large magnitudes, outlier channels, sinks and non-finite inputs, against the stated tolerance and
+    the non-finite input contract."""
     n, b, hq, hkv, d = args.num_n, 1, 8, 2, 128 if dev.type == "cuda" else 64
     cases = [
         ("bf16 x1", torch.bfloat16, 1.0, 0, 1.0),

@@ -97,6 +97,8 @@ def dense_rows(
 
 
 def tflops(tiles_per_head: float, heads: int, batch: int, block: int, head_dim: int, ms: float) -> float:
+    """TFLOP/s of ``ms`` milliseconds over ``tiles_per_head`` computed tiles per head (4 * block^2 * D
+    flops each)."""
     return 4 * block * block * head_dim * tiles_per_head * heads * batch / (ms * 1e-3) / 1e12
 
 
@@ -114,6 +116,7 @@ def threshold_for_density(
 
 
 def pbs_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig, stages: bool) -> Method:
+    """flexpbs with ``cfg``: its call, density and sorted-head share, and (``stages``) each stage timed."""
     _, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     extra = {"sorted_heads": stats.sorted_rows.float().mean().item()}
     if stages:
@@ -122,6 +125,7 @@ def pbs_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
 
 
 def dense_method(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Method:
+    """A dense causal baseline: ``flex_causal``, ``cudnn`` or ``fa2``."""
     n, group = q.shape[2], q.shape[1] // k.shape[1]
     if method == "flex_causal":
         causal = create_block_mask(
@@ -251,6 +255,7 @@ def fixed_density(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, densities: 
 
 
 def plot(results: list[dict], fixed: list[dict], out: Path) -> None:
+    """speed.png: time against length per method (synthetic rows) and, with ``fixed``, against density."""
     from matplotlib.figure import Figure  # figures for files: no pyplot state, no GUI backend
 
     fig = Figure(figsize=(12 if fixed else 6, 4.5))
@@ -276,6 +281,7 @@ def plot(results: list[dict], fixed: list[dict], out: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
+    """Markdown tables of ``results``: one row per method and length, then the stage breakdowns."""
     lines = [
         "| workload | N | method | ms | vs cuDNN | vs FA2 | density | TFLOP/s | peak extra GiB "
         "| max err | rel err |",

@@ -73,6 +73,7 @@ def draw_case(rng: random.Random, buckets: list[int], small: bool) -> dict:
 
 
 def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
+    """Runs and checks one case (AssertionError on a failed check); returns what was checked."""
     # the sparse path at every length; the backend flexpbs picks ("auto")
     cfg = PBSConfig(
         block_size=case["block"],
@@ -116,6 +117,7 @@ def run_case(case: dict, dev: torch.device, reference_n: int) -> dict:
 
 
 def length_range(n: int) -> str:
+    """The coverage label of length ``n``."""
     for top, label in [(1024, "<=1K"), (4096, "1K-4K"), (16384, "4K-16K"), (65536, "16K-64K")]:
         if n <= top:
             return label
