@@ -102,6 +102,8 @@ def attention_with_options(q: torch.Tensor, run: StageRun, options: dict | None)
     """
     cfg = run.config
     batch, q_heads, n, head_dim = q.shape
+    if n % cfg.block_size:  # flexpbs pads a partial last block; this lever does not
+        raise ValueError(f"the kernel_options lever needs whole blocks of {cfg.block_size}, got N={n}")
     rows, group = batch * run.perm.shape[1], q_heads // run.perm.shape[1]
     lists = tuple(
         x.reshape(rows, group, *x.shape[2:])

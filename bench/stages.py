@@ -211,14 +211,12 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device="cuda")
-        rows.append((n, time_stages(q, k, v, cfg)))
-        print(n, {name: round(t, 3) for name, t in rows[-1][1].items()}, flush=True)
+        rows.append((n, resolve(cfg, q, v).backend, time_stages(q, k, v, cfg)))
+        print(n, rows[-1][1], {name: round(t, 3) for name, t in rows[-1][2].items()}, flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    print(
-        f"\nbackend={args.backend}, key_order={args.key_order}, threshold {args.threshold}; "
-        "ms, each stage alone\n"
-    )
-    print("| N | " + " | ".join(STAGES) + " |\n|---|" + "---|" * len(STAGES))
-    for n, times in rows:
-        print(f"| {n} | " + " | ".join(f"{times[s]:.2f}" if s in times else "-" for s in STAGES) + " |")
+    print(f"\nkey_order={args.key_order}, threshold {args.threshold}; ms, each stage alone\n")
+    print("| N | backend | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
+    for n, backend, times in rows:
+        cells = " | ".join(f"{times[s]:.2f}" if s in times else "-" for s in STAGES)
+        print(f"| {n} | {backend} | {cells} |")
