@@ -198,12 +198,12 @@ def census(
     q = torch.empty(batch, q_heads, n, d, device="meta", dtype=dtype)
     k = torch.empty(batch, kv_heads, n, d, device="meta", dtype=dtype)
     v = torch.empty_like(k)
-    scorer = contextlib.nullcontext()
+    importance_stand_in = contextlib.nullcontext()
     if importance == "triton":
-        scorer = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
+        importance_stand_in = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
     with (
         mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
-        scorer,
+        importance_stand_in,
         MemoryCensus([q, k, v]) as seen,
     ):
         probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
