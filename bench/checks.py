@@ -1,4 +1,5 @@
-"""Checks for long inputs, shared by bench/robustness.py and bench/stress.py.
+"""Checks of flexpbs's outputs and stats on long inputs, shared by ``stress`` and ``robustness``
+(and tests/test_numerics.py, which checks them against the dense oracle).
 
 A dense [N, N] oracle is out of reach at 512K tokens, so outputs are checked on sampled rows: the
 tiles and permutation flexpbs reports give each sampled query its keys, and float32 softmax attention
@@ -13,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flexpbs import PBSConfig, reference
+from flexpbs import PBSConfig, PBSStats, reference
 from flexpbs.permutation import block_first_positions, permute_kv
 from flexpbs.selection import forced_tiles
 
@@ -22,51 +23,43 @@ REL_TOL = {torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 FP32_EPS = 2.0**-24
 
 
-def make_inputs(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype,
-                device: torch.device, seed: int = 0, magnitude: float = 1.0,
-                outliers: int = 0, outlier_gain: float = 50.0) -> tuple[torch.Tensor, ...]:
-    """LLM-like q/k/v made on ``device`` in ``dtype`` (no float32 copy of q): a sink at token 0, a
-    local band, 2% heavy-hitter keys sharing a direction the queries look for, optional outlier
-    channels (``outliers`` channels times ``outlier_gain``) and an overall ``magnitude`` on q/k/v."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    group = q_heads // kv_heads
-    topic = torch.randn(batch, kv_heads, 1, d, generator=gen, device=device)
-    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
-    freqs = torch.arange(1, d // 2 + 1, device=device, dtype=torch.float32) / 64
-    band = torch.cos(pos * freqs).repeat(1, 2)[:, :d] * 0.6  # [N, D]: nearby tokens look alike
-    channels = torch.arange(outliers, device=device) * 7 % d
-    out = []
-    for name, heads in (("q", q_heads), ("k", kv_heads), ("v", kv_heads)):
-        x = torch.empty(batch, heads, n, d, device=device, dtype=dtype)
-        for h in range(heads):  # one head at a time keeps float32 temporaries at [B, N, D]
-            t = torch.randn(batch, n, d, generator=gen, device=device)
-            kv = h // group if name == "q" else h
-            if name == "q":
-                t += 1.5 * topic[:, kv]
-            if name == "k":
-                heavy = torch.rand(batch, n, 1, generator=gen, device=device) < 0.02
-                t += 3.0 * heavy * topic[:, kv]
-                t[:, 0] += 4.0 * topic[:, kv, 0]
-            if name != "v":
-                t += band
-                t[..., channels] *= outlier_gain
-            x[:, h] = (t * magnitude).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
-        out.append(x)
-    return tuple(out)
-
-
 def sample_rows(n: int, block: int, segment: int, count: int = 24, seed: int = 0) -> list[int]:
     """First, last, middle rows, rows at block and segment boundaries and a few random ones."""
     n_complete = n // segment * segment
-    picks = {0, 1, n - 1, n - 2, n // 2, n // 2 + 1, block - 1, block, segment - 1, segment, segment + 1,
-             n_complete - 1, n_complete, n - n % block - 1, n - n % block}
+    picks = {
+        0,
+        1,
+        n - 1,
+        n - 2,
+        n // 2,
+        n // 2 + 1,
+        block - 1,
+        block,
+        segment - 1,
+        segment,
+        segment + 1,
+        n_complete - 1,
+        n_complete,
+        n - n % block - 1,
+        n - n % block,
+    }
     gen = torch.Generator().manual_seed(seed)
     picks |= set(torch.randint(0, n, (count,), generator=gen).tolist())
     return sorted(i for i in picks if 0 <= i < n)
 
 
-def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
-                   block: int, scale: float, b: int, h: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: torch.Tensor,
+    perm: torch.Tensor,
+    block: int,
+    scale: float,
+    b: int,
+    h: int,
+    rows: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 attention of query rows ``rows`` of (batch b, query head h) over the keys the reported
     tiles give them (causal on original positions). Returns ``(out [R, Dv], tolerance [R])``."""
     n = q.shape[2]
@@ -87,8 +80,17 @@ def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: tor
     return torch.stack(outs), torch.tensor(tols, device=q.device)
 
 
-def check_rows(q, k, v, out, stats, cfg: PBSConfig, heads: list[tuple[int, int]], rows: list[int] | None = None,
-               rows_of: dict | None = None) -> dict:
+def check_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: PBSStats,
+    cfg: PBSConfig,
+    heads: list[tuple[int, int]],
+    rows: list[int] | None = None,
+    rows_of: dict[tuple[int, int], list[int]] | None = None,
+) -> dict:
     """Sampled rows of ``out`` against :func:`reference_rows` (``rows``, or ``rows_of[(b, h)]`` per head);
     returns counts and the worst error/tolerance."""
     scale = cfg.scale if cfg.scale is not None else q.shape[-1] ** -0.5
@@ -98,7 +100,9 @@ def check_rows(q, k, v, out, stats, cfg: PBSConfig, heads: list[tuple[int, int]]
             rows = rows_of[(b, h)]
         if not rows:
             continue
-        want, tol = reference_rows(q, k, v, stats.tiles, stats.key_positions, cfg.block_size, scale, b, h, rows)
+        want, tol = reference_rows(
+            q, k, v, stats.tiles, stats.key_positions, cfg.block_size, scale, b, h, rows
+        )
         err = (out[b, h, rows].float() - want).abs().amax(-1)
         ratio = err / tol.clamp_min(1e-30)
         ratio = torch.where(err.isfinite(), ratio, torch.full_like(ratio, math.inf))
@@ -108,7 +112,7 @@ def check_rows(q, k, v, out, stats, cfg: PBSConfig, heads: list[tuple[int, int]]
     return dict(rows=checked, bad=bad, worst=worst)
 
 
-def check_stats(stats, n: int, cfg: PBSConfig) -> None:
+def check_stats(stats: PBSStats, n: int, cfg: PBSConfig) -> None:
     """Permutation is a bijection of each segment (tail in place), forced tiles present, no tile wholly
     in the future, density consistent. Raises AssertionError."""
     perm = stats.key_positions
@@ -117,7 +121,9 @@ def check_stats(stats, n: int, cfg: PBSConfig) -> None:
     segs = perm[..., :n_complete].unflatten(-1, (-1, seg))
     starts = torch.arange(0, n_complete, seg, device=perm.device).view(-1, 1)
     assert torch.equal(segs.sort(-1).values, (starts + torch.arange(seg, device=perm.device)).expand_as(segs))
-    assert torch.equal(perm[..., n_complete:], torch.arange(n_complete, n, device=perm.device).expand(*perm.shape[:2], -1))
+    assert torch.equal(
+        perm[..., n_complete:], torch.arange(n_complete, n, device=perm.device).expand(*perm.shape[:2], -1)
+    )
     group = stats.tiles.shape[1] // perm.shape[1]
     forced = forced_tiles(perm, cfg.block_size, seg).repeat_interleave(group, dim=1)
     assert not (forced & ~stats.tiles).any(), "forced tiles missing"
@@ -130,7 +136,9 @@ def check_stats(stats, n: int, cfg: PBSConfig) -> None:
     assert torch.allclose(stats.density, density)
 
 
-def finite_tile_rows(q, k, v, stats, block_size: int) -> torch.Tensor:
+def finite_tile_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: PBSStats, block_size: int
+) -> torch.Tensor:
     """``[B, Hq, N]`` bool: the query row is finite and so is every key and value in the tiles computed
     for its query block: the rows the non-finite input contract says are exact.
 
@@ -146,7 +154,7 @@ def finite_tile_rows(q, k, v, stats, block_size: int) -> torch.Tensor:
     return q.isfinite().all(-1) & ~bad_qblock.repeat_interleave(block_size, dim=-1)[..., :n]
 
 
-def check_against_reference(q, k, stats, cfg: PBSConfig) -> dict:
+def check_against_reference(q: torch.Tensor, k: torch.Tensor, stats: PBSStats, cfg: PBSConfig) -> dict:
     """Small N only: permutation (up to float32 ties) and selection equal ``flexpbs.reference``'s."""
     qc, kc = q.cpu(), k.cpu()
     n = q.shape[2]

@@ -1,7 +1,7 @@
-"""Memory of each PBS stage, counted on the meta device (no memory, no GPU needed): any N.
+"""CPU: memory of each PBS stage, counted on the meta device (no memory, no GPU needed): any N.
 
-    PYTHONPATH=$PWD python bench/memory_model.py                       # B=1, Hq=32, Hkv=8, D=128, bf16
-    PYTHONPATH=$PWD python bench/memory_model.py --lengths 131072 524288 --gqa per_head
+    python -m bench memory                                      # B=1, Hq=32, Hkv=8, D=128, bf16
+    python -m bench memory --lengths 131072 524288 --gqa per_head
 
 ``flexpbs.attention`` itself runs on meta tensors (its head chunking included) under a TorchDispatchMode
 that sees every tensor an op returns and, through weak references, when its storage dies: live bytes
@@ -10,7 +10,8 @@ would count, minus allocator rounding and the workspaces kernels take internally
 sort's temporary storage). Two stand-ins for what cannot run on meta: the Triton importance kernel
 allocates its output and per-row statistics (``--importance torch`` runs the PyTorch path, the CPU
 fallback, instead), and compiled FlexAttention its output and log-sum-exp. :func:`stage_probe` also
-serves bench/robustness.py, which measures the same stages on the GPU.
+serves ``python -m bench robustness``, which measures the same stages on the GPU, and :func:`census`
+tests/test_memory.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 import flexpbs
 import flexpbs.pipeline
 import flexpbs.sparse_attention
+from flexpbs.lengths import SequenceLengths
 
 GiB = 2**30
 # (module, function, stage label), in pipeline order; the block mask is built inside the attention stage.
@@ -142,35 +144,68 @@ class MemoryCensus(TorchDispatchMode):
         self.peak = self.current
 
 
-def _meta_flex_attention(query, key, value, lists, positions, block_size, scale, kernel_options):
+def _meta_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lists: tuple[torch.Tensor, ...],
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    kernel_options: dict | None,
+) -> torch.Tensor:
     """Stand-in for compiled FlexAttention (``compiled_flex_call``) on meta tensors: its output and
     log-sum-exp."""
     torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)  # lse, freed on return
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
-def _meta_triton_importance(query, key, *, block_size, segment_size, scale, per_query_head, kernel, lengths=None):
+def _meta_triton_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    block_size: int,
+    segment_size: int,
+    scale: float,
+    per_query_head: bool,
+    kernel: str,
+    lengths: SequenceLengths | None = None,
+) -> torch.Tensor:
     """Stand-in for the Triton importance kernel: its output ``[B, Hp, Nc]`` and its float32 row
     statistics (per-split max and sum, merged log-sum-exp; 16 key splits assumed)."""
     batch, q_heads, n, _ = query.shape
     rows = min(block_size, n)
     torch.empty(2 * 16 + 1, batch * q_heads * rows, dtype=torch.float32, device=query.device)
     heads = q_heads if per_query_head else key.shape[1]
-    return torch.empty(batch, heads, n // segment_size * segment_size, dtype=torch.float32, device=query.device)
+    return torch.empty(
+        batch, heads, n // segment_size * segment_size, dtype=torch.float32, device=query.device
+    )
 
 
-def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch.dtype, gqa: str,
-           threshold: float = 0.9, importance: str = "triton") -> tuple[dict, int, MemoryCensus]:
+def census(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    gqa: str,
+    threshold: float = 0.9,
+    importance: str = "triton",
+) -> tuple[dict, int, MemoryCensus]:
     """(stages, whole-call peak bytes beyond q/k/v, the census: ``largest`` lists every tensor created,
     ``at_top`` those live at the peak) of one ``flexpbs.attention`` call."""
     q = torch.empty(batch, q_heads, n, d, device="meta", dtype=dtype)
     k = torch.empty(batch, kv_heads, n, d, device="meta", dtype=dtype)
     v = torch.empty_like(k)
-    scorer = contextlib.nullcontext()
+    importance_stand_in = contextlib.nullcontext()
     if importance == "triton":
-        scorer = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
-    with (mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
-          scorer, MemoryCensus([q, k, v]) as seen):
+        importance_stand_in = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
+    with (
+        mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
+        importance_stand_in,
+        MemoryCensus([q, k, v]) as seen,
+    ):
         probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
         with stage_probe(probe):
             out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, importance_kernel="torch")
@@ -179,41 +214,61 @@ def census(batch: int, q_heads: int, kv_heads: int, n: int, d: int, dtype: torch
     return probe.stages, total, seen
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--gqa", default="shared", choices=["shared", "per_head"])
-    parser.add_argument("--importance", default="triton", choices=["triton", "torch"],
-                        help="the GPU kernel's allocations (stand-in) or the PyTorch path")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--importance",
+        default="triton",
+        choices=["triton", "torch"],
+        help="the GPU kernel's allocations (stand-in) or the PyTorch path",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16
     lines = []
     for n in args.lengths:
-        stages, total, seen = census(args.batch, args.q_heads, args.kv_heads, n, args.head_dim, dtype, args.gqa,
-                                        importance=args.importance)
+        stages, total, seen = census(
+            args.batch,
+            args.q_heads,
+            args.kv_heads,
+            n,
+            args.head_dim,
+            dtype,
+            args.gqa,
+            importance=args.importance,
+        )
         elem = dtype.itemsize
         qkv = args.batch * n * args.head_dim * (args.q_heads + 2 * args.kv_heads) * elem
         out = args.batch * n * args.head_dim * args.q_heads * elem
-        print(f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; live at the peak "
-              f"({total / GiB:.3f} GiB):")
+        print(
+            f"\nN={n}: q/k/v {qkv / GiB:.2f} GiB, output {out / GiB:.2f} GiB; live at the peak "
+            f"({total / GiB:.3f} GiB):"
+        )
         for size, op, shape in seen.at_top[:8]:
             print(f"  {size / GiB:7.3f} GiB  {op:28s} {list(shape)}")
-        print(f"  {sum(t[0] for t in seen.at_top[8:]) / GiB:7.3f} GiB  in {len(seen.at_top[8:])} smaller tensors")
+        print(
+            f"  {sum(t[0] for t in seen.at_top[8:]) / GiB:7.3f} GiB  in {len(seen.at_top[8:])} "
+            "smaller tensors"
+        )
         for label, row in stages.items():
-            lines.append(f"| {n} | {label} | {row['calls']} | {row['peak'] / GiB:.3f} | {row['after'] / GiB:.3f} |")
+            lines.append(
+                f"| {n} | {label} | {row['calls']} | {row['peak'] / GiB:.3f} | {row['after'] / GiB:.3f} |"
+            )
         extra = total - out
-        lines.append(f"| {n} | **whole call**: peak beyond q/k/v {total / GiB:.3f} GiB; beyond q/k/v/output "
-                     f"{extra / GiB:.3f} GiB = {extra / qkv:.2f} x q/k/v bytes | | | |")
-    print(f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}, "
-          f"threshold 0.9, importance {args.importance}; GiB beyond q/k/v, counted on the meta device\n")
+        lines.append(
+            f"| {n} | **whole call**: peak beyond q/k/v {total / GiB:.3f} GiB; beyond q/k/v/output "
+            f"{extra / GiB:.3f} GiB = {extra / qkv:.2f} x q/k/v bytes | | | |"
+        )
+    print(
+        f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}, "
+        f"threshold 0.9, importance {args.importance}; GiB beyond q/k/v, counted on the meta device\n"
+    )
     print("| N | stage | calls | peak GiB | live after GiB |")
     print("|---|---|---|---|---|")
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,12 @@
-"""Tables and plots from bench/quality.py results.
+"""Tables and plots from ``python -m bench quality run`` results.
 
-    python bench/quality_report.py RESULTS.json [RESULTS.json ...] --out bench/quality_plots
+    python -m bench quality report RESULTS.json [RESULTS.json ...] --out bench_out/quality
+    python -m bench quality report OUT/results.json --picture OUT/qkv_licenses_4096.pt 12 3
 
-Writes tradeoff plots (density vs perplexity per method), per-layer density, the block-mask picture
-of one head before and after permutation (from the q/k/v saved next to the results), and prints
-markdown tables.
+Writes tradeoff plots (density vs perplexity per method, ``tradeoff_{text}_{N}.png``), passkey accuracy
+against density (``passkey_{N}.png``), per-layer density (``layer_density_{text}_{N}.png``), the
+block-mask picture of one head before and after permutation (``--picture``, from the q/k/v saved next to
+the results: ``block_mask_layer{L}_head{H}.png``), and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -14,14 +16,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # figures for files: no pyplot state, no GUI backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import flexpbs  # noqa: E402
-from flexpbs import plot  # noqa: E402
+import flexpbs
+from flexpbs import plot
 
 
 def load(paths: list[Path], segment: int | None = None) -> dict:
@@ -46,36 +45,51 @@ def load(paths: list[Path], segment: int | None = None) -> dict:
 
 
 def perplexity_tables(r: dict) -> str:
+    """Markdown: perplexity of every method, per (length, text)."""
     out = []
     groups = defaultdict(list)
     for row in r["perplexity"]:
         groups[(row["n"], row["text"])].append(row)
     for (n, text), rows in sorted(groups.items()):
-        out.append(f"\n**{text}, {n} tokens**\n\n| method | density | perplexity | last 512 |\n|---|---|---|---|")
+        out.append(
+            f"\n**{text}, {n} tokens**\n\n| method | density | perplexity | last 512 |\n|---|---|---|---|"
+        )
         for row in rows:
-            out.append(f"| {row['method']} | {row['density']:.3f} | {row['ppl']:.2f} | {row['ppl_tail']:.2f} |")
+            out.append(
+                f"| {row['method']} | {row['density']:.3f} | {row['ppl']:.2f} | {row['ppl_tail']:.2f} |"
+            )
     return "\n".join(out)
 
 
 def passkey_table(r: dict) -> str:
+    """Markdown: passkey accuracy per (length, method)."""
     out = ["| tokens | method | density | accuracy | trials |", "|---|---|---|---|---|"]
     for row in r["passkey"]:
-        out.append(f"| {row['n']} | {row['method']} | {row['density']:.3f} | {row['accuracy']:.2f} | {row['trials']} |")
+        out.append(
+            f"| {row['n']} | {row['method']} | {row['density']:.3f} | {row['accuracy']:.2f} | "
+            f"{row['trials']} |"
+        )
     return "\n".join(out)
 
 
 def layer_table(r: dict) -> str:
+    """Markdown: density, recall and relative error averaged over layers and heads, per method."""
     agg = defaultdict(list)
     for row in r["layers"]:
         agg[(row["n"], row["text"], row["method"])].append(row)
-    out = ["| tokens | text | method | mean density | mean recall | min recall | mean rel. error | max rel. error |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| tokens | text | method | mean density | mean recall | min recall | mean rel. error "
+        "| max rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (n, text, method), rows in sorted(agg.items()):
         d = [x["density"] for x in rows]
         rec = [x["recall"] for x in rows]
         err = [x["rel_error"] for x in rows]
-        out.append(f"| {n} | {text} | {method} | {sum(d)/len(d):.3f} | {sum(rec)/len(rec):.4f} | {min(rec):.3f} "
-                   f"| {sum(err)/len(err):.4f} | {max(err):.3f} |")
+        out.append(
+            f"| {n} | {text} | {method} | {sum(d) / len(d):.3f} | {sum(rec) / len(rec):.4f} | {min(rec):.3f} "
+            f"| {sum(err) / len(err):.4f} | {max(err):.3f} |"
+        )
     return "\n".join(out)
 
 
@@ -84,12 +98,18 @@ def per_head_effect(r: dict, tol: float = 0.005) -> str:
     by_key = {}
     for row in r["layers"]:
         by_key[(row["n"], row["text"], row["method"], row["layer"], row["head"])] = row
-    out = ["| tokens | text | setting | heads | density lower with PBS | unchanged | higher | mean recall PBS / no perm |",
-           "|---|---|---|---|---|---|---|---|"]
-    settings = sorted({(k[0], k[1], k[2][len("PBS-"):]) for k in by_key if k[2].startswith("PBS-")})
+    out = [
+        "| tokens | text | setting | heads | density lower with PBS | unchanged | higher | "
+        "mean recall PBS / no perm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    settings = sorted({(k[0], k[1], k[2][len("PBS-") :]) for k in by_key if k[2].startswith("PBS-")})
     for n, text, setting in settings:
-        pairs = [(v, by_key.get((n, text, "noperm-" + setting, k[3], k[4])))
-                 for k, v in by_key.items() if k[:3] == (n, text, "PBS-" + setting)]
+        pairs = [
+            (v, by_key.get((n, text, "noperm-" + setting, k[3], k[4])))
+            for k, v in by_key.items()
+            if k[:3] == (n, text, "PBS-" + setting)
+        ]
         pairs = [(a, b) for a, b in pairs if b is not None]
         if not pairs:
             continue
@@ -98,19 +118,27 @@ def per_head_effect(r: dict, tol: float = 0.005) -> str:
         higher = sum(d > tol for d in diff) / len(diff)
         rec_a = sum(a["recall"] for a, _ in pairs) / len(pairs)
         rec_b = sum(b["recall"] for _, b in pairs) / len(pairs)
-        out.append(f"| {n} | {text} | {setting} | {len(pairs)} | {lower:.1%} | {1 - lower - higher:.1%} | {higher:.1%} "
-                   f"| {rec_a:.4f} / {rec_b:.4f} |")
+        out.append(
+            f"| {n} | {text} | {setting} | {len(pairs)} | {lower:.1%} | "
+            f"{1 - lower - higher:.1%} | {higher:.1%} "
+            f"| {rec_a:.4f} / {rec_b:.4f} |"
+        )
     return "\n".join(out)
 
 
 def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
+    """``{prefix}tradeoff_{text}_{N}.png``: density against perplexity (all tokens, last 512) per family."""
     groups = defaultdict(list)
     for row in r["perplexity"]:
         groups[(row["n"], row["text"])].append(row)
     for (n, text), rows in groups.items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig = Figure(figsize=(10, 3.6))
+        axes = fig.subplots(1, 2)
         dense = next(x for x in rows if x["family"] == "dense")
-        for ax, key, label in ((axes[0], "ppl", "perplexity, all tokens"), (axes[1], "ppl_tail", "perplexity, last 512")):
+        for ax, key, label in (
+            (axes[0], "ppl", "perplexity, all tokens"),
+            (axes[1], "ppl_tail", "perplexity, last 512"),
+        ):
             points = defaultdict(list)
             for x in rows:
                 if x["family"] != "dense":
@@ -118,73 +146,93 @@ def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
             plot.tradeoff(points, ylabel=label, baseline=dense[key], ax=ax, title=f"{text}, {n} tokens")
         fig.tight_layout()
         fig.savefig(out / f"{prefix}tradeoff_{text}_{n}.png", dpi=110)
-        plt.close(fig)
 
 
 def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
+    """``{prefix}passkey_{N}.png``: density against passkey accuracy per family."""
     groups = defaultdict(list)
     for row in r["passkey"]:
         groups[row["n"]].append(row)
     for n, rows in groups.items():
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
         points = defaultdict(list)
         for x in rows:
             if x["family"] != "dense":
                 points[x["family"]].append((x["density"], x["accuracy"]))
         dense = next((x["accuracy"] for x in rows if x["family"] == "dense"), None)
         trials = rows[0]["trials"]
-        plot.tradeoff(points, ylabel=f"passkey accuracy ({trials} trials)", baseline=dense, ax=ax,
-                      title=f"passkey, {n} tokens")
+        plot.tradeoff(
+            points,
+            ylabel=f"passkey accuracy ({trials} trials)",
+            baseline=dense,
+            ax=ax,
+            title=f"passkey, {n} tokens",
+        )
         fig.tight_layout()
         fig.savefig(out / f"{prefix}passkey_{n}.png", dpi=110)
-        plt.close(fig)
 
 
 def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:
+    """``layer_density_{text}_{N}.png``: mean density per layer of each method at ``threshold``."""
     series = defaultdict(lambda: defaultdict(list))
     keys = set()
     for row in r["layers"]:
         if row["method"].endswith(threshold):
             series[(row["n"], row["text"])][row["method"]].append((row["layer"], row["density"]))
     for (n, text), methods in series.items():
-        fig, ax = plt.subplots(figsize=(6, 3.4))
+        fig = Figure(figsize=(6, 3.4))
+        ax = fig.subplots()
         per_method = {}
         for m, pts in methods.items():
             by_layer = defaultdict(list)
             for layer, d in pts:
                 by_layer[layer].append(d)
             per_method[m] = [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)]
-        plot.density_by_layer(per_method, ax=ax, title=f"density per layer, {text}, {n} tokens, threshold 0.9")
+        plot.density_by_layer(
+            per_method, ax=ax, title=f"density per layer, {text}, {n} tokens, threshold 0.9"
+        )
         fig.tight_layout()
         fig.savefig(out / f"layer_density_{text}_{n}.png", dpi=110)
-        plt.close(fig)
         keys.add((n, text))
 
 
 def mask_picture(qkv_path: Path, out: Path, layer: int, head: int) -> None:
+    """``block_mask_layer{L}_head{H}.png``: one head's tiles over its block attention mass (log scale), in
+    original order and after permutation, from q/k/v captured by ``quality run``."""
     captured = torch.load(qkv_path)
     q, k, v = (t.float() for t in captured[layer])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
-    for ax, perm_mode, title in ((axes[0], "original", "original order"), (axes[1], "sorted", "after permutation")):
-        _, stats = flexpbs.attention(q, k, v, threshold=0.9, key_order=perm_mode, return_stats=True)
+    fig = Figure(figsize=(9, 4.4))
+    axes = fig.subplots(1, 2)
+    for ax, perm_mode, title in (
+        (axes[0], "original", "original order"),
+        (axes[1], "sorted", "after permutation"),
+    ):
+        _, stats = flexpbs.attention(
+            q, k, v, threshold=0.9, key_order=perm_mode, min_seq_len=0, return_stats=True
+        )
         group = q.shape[1] // k.shape[1]
         perm = stats.key_positions[0, head // (q.shape[1] // stats.key_positions.shape[1])]
         mass = plot.tile_attention_mass(q[0, head], k[0, head // group], perm, 128)
-        plot.tiles(stats.tiles[0, head], mass=mass.clamp_min(1e-6).log10(), ax=ax,
-                        title=f"layer {layer} head {head}, {title}")
+        plot.tiles(
+            stats.tiles[0, head],
+            mass=mass.clamp_min(1e-6).log10(),
+            ax=ax,
+            title=f"layer {layer} head {head}, {title}",
+        )
     fig.tight_layout()
     fig.savefig(out / f"block_mask_layer{layer}_head{head}.png", dpi=110)
-    plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path("bench/quality_plots"))
+    parser.add_argument("--out", type=Path, default=Path("bench_out/quality"))
     parser.add_argument("--picture", nargs=3, metavar=("QKV_PT", "LAYER", "HEAD"))
     parser.add_argument("--segment", type=int, help="only dense and the methods of this segment size")
     parser.add_argument("--prefix", default="", help="prefix of the plot file names")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     r = load(args.results, args.segment)
     tradeoff_plots(r, args.out, args.prefix)
@@ -196,8 +244,7 @@ def main() -> None:
     print("## Perplexity\n" + perplexity_tables(r))
     print("\n## Passkey\n" + passkey_table(r))
     print("\n## Per layer and head (averages over layers and heads)\n" + layer_table(r))
-    print("\n## Per head: does permutation lower the density? (same threshold and segment)\n" + per_head_effect(r))
-
-
-if __name__ == "__main__":
-    main()
+    print(
+        "\n## Per head: does permutation lower the density? (same threshold and segment)\n"
+        + per_head_effect(r)
+    )

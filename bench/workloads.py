@@ -1,6 +1,6 @@
-"""Benchmark inputs: a parameterised synthetic generator of LLM-like attention, and real q/k/v.
+"""Benchmark inputs, the harness's only source of q/k/v: two synthetic generators and captured real q/k/v.
 
-The synthetic generator builds q/k/v whose attention has what makes real prefill attention sparse,
+:func:`synthetic_qkv` builds q/k/v whose attention has what makes real prefill attention sparse,
 each part with its own knob (see :class:`Synthetic`):
 
 - an attention sink: key 0 gets a large logit from every query;
@@ -15,24 +15,26 @@ each part with its own knob (see :class:`Synthetic`):
 - per-head variety: every head draws its own sink, band and topic strengths, so some heads are
   local, some retrieval-like and some diffuse.
 
-The defaults are calibrated (``python bench/workloads.py --calibrate``, CPU, selection stages only, at
-the harness shape: 32 query / 8 KV heads, D=128) so that PBS at threshold 0.9 with block 128 /
-segment 256 lands near the paper's operating point (about 40% of causal tiles at 32K and 22% at 128K),
-with no-permutation selection denser. Measured: PBS 0.479 / 0.398 / 0.361 / 0.217 / 0.244 at
-8K / 16K / 32K / 64K / 128K; no permutation 0.531 / 0.490 / 0.470 / 0.373 / 0.403 (seed 0, the harness's
-input). Over six draws (``--seeds 0 1 2 3 4 5``) the PBS mean is 0.332 at 32K and 0.247 at 128K.
-The density is a steep function of the knobs (the heavy-hitter share of the mass crossing the
-threshold) and of the random draws they lead to: neighbouring passage counts gave PBS 0.27-0.42 at 32K
-and 0.19-0.33 at 128K, so each density is one draw; the harness reports it next to every time, and
-``bench/attention.py --densities`` times any density directly (attention stage) and ``--target-density``
-runs whole calls at the threshold that gives a chosen density. (Before session 4 the defaults,
-``passage_scale=2.0, passage_exponent=0.5``, were calibrated at 8 / 2 heads and gave 0.361 / 0.308 at
-32K / 128K at the harness shape.)
+The defaults are calibrated (``python -m bench calibrate``, CPU, selection stages only, at the harness
+shape: 32 query / 8 KV heads, D=128) so that PBS at threshold 0.9 with block 128 / segment 256 lands near
+the paper's operating point (about 40% of causal tiles at 32K and 22% at 128K), with no-permutation
+selection denser. Measured: PBS 0.479 / 0.398 / 0.361 / 0.217 / 0.244 at 8K / 16K / 32K / 64K / 128K; no
+permutation 0.531 / 0.490 / 0.470 / 0.373 / 0.403 (seed 0, the harness's input). Over six draws
+(``--seeds 0 1 2 3 4 5``) the PBS mean is 0.332 at 32K and 0.247 at 128K. The density is a steep
+function of the knobs (the heavy-hitter share of the mass crossing the threshold) and of the random draws
+they lead to: neighbouring passage counts gave PBS 0.27-0.42 at 32K and 0.19-0.33 at 128K, so each
+density is one draw; the harness reports it next to every time, ``python -m bench speed --densities``
+times any density directly (attention stage) and ``--target-density`` runs whole calls at the threshold
+that gives a chosen density.
+
+:func:`stress_qkv` makes the inputs of the correctness runs at scale (``stress``, ``robustness``):
+directly on the device in the target dtype, one head at a time, so that 512K-token batches need no
+float32 copy (``synthetic_qkv`` builds in float32 on the CPU, 17 GiB for q alone at B=2, N=512K), with
+magnitude and outlier-channel knobs for the numerics checks. Its attention is LLM-like but not calibrated.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,7 +67,9 @@ def synthetic_spec(overrides: list[str]) -> Synthetic:
     for item in overrides:
         name, sep, value = item.partition("=")
         if not sep or name not in knobs:
-            raise ValueError(f"spec overrides must be KNOB=VALUE with KNOB one of {sorted(knobs)}, got {item!r}")
+            raise ValueError(
+                f"spec overrides must be KNOB=VALUE with KNOB one of {sorted(knobs)}, got {item!r}"
+            )
         values[name] = type(getattr(Synthetic(), name))(value)
     return Synthetic(**values)
 
@@ -136,9 +140,13 @@ def synthetic_qkv(
     anchors = seq_len // spec.topic_drift + 2
     mix = torch.rand(batch, q_heads, anchors, spec.topics, generator=gen) ** 3
     mix = mix / mix.sum(-1, keepdim=True)
-    mix = torch.nn.functional.interpolate(
-        mix.flatten(0, 1).transpose(1, 2), size=seq_len, mode="linear", align_corners=True
-    ).transpose(1, 2).unflatten(0, (batch, q_heads))
+    mix = (
+        torch.nn.functional.interpolate(
+            mix.flatten(0, 1).transpose(1, 2), size=seq_len, mode="linear", align_corners=True
+        )
+        .transpose(1, 2)
+        .unflatten(0, (batch, q_heads))
+    )
     topic_q = per_head(q_heads)[..., None] * spec.heavy_logit * root / 4.0
     q[..., t0 : t0 + spec.topics] = topic_q * mix * spec.topics**0.5
     return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
@@ -147,58 +155,63 @@ def synthetic_qkv(
 def real_qkv(
     path: str | Path, layer: int, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q/k/v of one layer captured by ``bench/quality.py`` (``qkv_<text>_<N>.pt``, float16)."""
+    """q/k/v of one layer captured by ``python -m bench quality run`` (``qkv_<text>_<N>.pt``, float16,
+    ``{layer: (q, k, v)}``), cast to ``dtype`` on ``device``."""
     captured = torch.load(path, map_location="cpu")
     return tuple(x.to(device=device, dtype=dtype) for x in captured[layer])
 
 
-def _densities(q, k, v, threshold: float) -> tuple[float, float]:
-    """Mean density of PBS and of no-permutation selection (no attention computed)."""
-    import flexpbs
-    from flexpbs.importance import last_block_importance
-    from flexpbs.permutation import identity_permutation, permute_kv, segment_permutation
-    from flexpbs.selection import select_tiles
+def stress_qkv(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    magnitude: float = 1.0,
+    outliers: int = 0,
+    outlier_gain: float = 50.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[B, Hq, N, D]``, k and v ``[B, Hkv, N, D]`` made on ``device`` in ``dtype`` (no float32 copy of q).
 
-    del flexpbs
-    b, hq, n, d = q.shape
-    scale = d**-0.5
+    LLM-like: a sink at token 0, a local band, 2% heavy-hitter keys sharing a direction the queries look
+    for; optional outlier channels (``outliers`` channels times ``outlier_gain``) and an overall
+    ``magnitude`` on q/k/v, clamped to the dtype's range. Drawn from a generator on ``device``, so a seed
+    gives the same inputs on the same kind of device only.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    group = q_heads // kv_heads
+    topic = torch.randn(batch, kv_heads, 1, head_dim, generator=gen, device=device)
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
+    freqs = torch.arange(1, head_dim // 2 + 1, device=device, dtype=torch.float32) / 64
+    band = torch.cos(pos * freqs).repeat(1, 2)[:, :head_dim] * 0.6  # [N, D]: nearby tokens look alike
+    channels = torch.arange(outliers, device=device) * 7 % head_dim
+    finite = torch.finfo(dtype).max
     out = []
-    for permute in (True, False):
-        if permute:
-            imp = last_block_importance(q, k, block_size=128, segment_size=256, scale=scale, per_query_head=False)
-            perm = segment_permutation(imp, n, 256)
-            k_p, _ = permute_kv(k, v, perm)
-        else:
-            perm, k_p = identity_permutation(b, k.shape[1], n, q.device), k
-        tiles = select_tiles(q, k_p, perm, block_size=128, segment_size=256, threshold=threshold, scale=scale)
-        nb = tiles.shape[-1]
-        out.append(tiles.float().sum().item() / (b * hq * nb * (nb + 1) / 2))
-    return out[0], out[1]
+    for name, heads in (("q", q_heads), ("k", kv_heads), ("v", kv_heads)):
+        x = torch.empty(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+        for h in range(heads):  # one head at a time keeps float32 temporaries at [B, N, D]
+            t = torch.randn(batch, seq_len, head_dim, generator=gen, device=device)
+            kv = h // group if name == "q" else h
+            if name == "q":
+                t += 1.5 * topic[:, kv]
+            if name == "k":
+                heavy = torch.rand(batch, seq_len, 1, generator=gen, device=device) < 0.02
+                t += 3.0 * heavy * topic[:, kv]
+                t[:, 0] += 4.0 * topic[:, kv, 0]
+            if name != "v":
+                t += band
+                t[..., channels] *= outlier_gain
+            x[:, h] = (t * magnitude).clamp(-finite, finite).to(dtype)
+        out.append(x)
+    return out[0], out[1], out[2]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Calibrate the synthetic workload's density (CPU).")
-    parser.add_argument("--calibrate", action="store_true")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
-    parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="draws per length (the harness uses 0)")
-    for f in fields(Synthetic):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    args = parser.parse_args()
-    spec = Synthetic(**{f.name: getattr(args, f.name) for f in fields(Synthetic)})
-    print(spec)
-    for n in args.lengths:
-        draws = []
-        for seed in args.seeds:
-            q, k, v = synthetic_qkv(1, *args.heads, n, 128, dtype=torch.float32, seed=seed, spec=spec)
-            draws.append(_densities(q, k, v, args.threshold))
-            del q, k, v
-            print(f"N={n:7d} seed {seed}: PBS density {draws[-1][0]:.3f}, no permutation {draws[-1][1]:.3f}", flush=True)
-        if len(draws) > 1:
-            pbs, none = (sum(d) / len(d) for d in zip(*draws))
-            print(f"N={n:7d} mean of {len(draws)} seeds: PBS density {pbs:.3f}, no permutation {none:.3f}", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+def prefix(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of ``x [B, H, L, D]``, repeating it when ``n > L``; a fresh contiguous tensor
+    (one long draw gives every shorter length as a prefix of itself)."""
+    reps = -(-n // x.shape[2])
+    return (x.repeat(1, 1, reps, 1) if reps > 1 else x)[:, :, :n].contiguous()
