@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "GPU: the length from which PBS beats dense cuDNN, and what the defaults give",
     ),
     "coldstart": ("coldstart", "GPU: first-call latency at new lengths, chunks and in generate"),
+    "varlen": ("varlen", "GPU: a packed batch in one call against its sequences one by one, padding, dense"),
     "tp": ("tp", "GPUs (torchrun): one attention layer with its heads split over GPUs"),
     "memory": ("memory_model", "CPU: memory of each stage counted on the meta device, any length"),
     "stress": ("stress", "random shapes against the reference, bounded in time (GPU, or --cpu-smoke)"),
