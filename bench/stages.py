@@ -87,7 +87,15 @@ def stage_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfi
 
     def select() -> torch.Tensor:
         return select_tiles(
-            q, key_p, perm, block_size=block, segment_size=segment, threshold=cfg.threshold, scale=scale
+            q,
+            key_p,
+            perm,
+            block_size=block,
+            segment_size=segment,
+            threshold=cfg.threshold,
+            scale=scale,
+            estimator=cfg.estimator,
+            stride=cfg.antidiagonal_stride,
         )
 
     tiles = select()

@@ -14,8 +14,9 @@ GQAMode = Literal["shared", "per_head"]
 ImportanceKernel = Literal["auto", "triton", "torch"]
 KeyOrder = Literal["sorted", "original"]
 Backend = Literal["auto", "triton", "flash"]
-GQA_MODES, IMPORTANCE_KERNELS, KEY_ORDERS, BACKENDS = (
-    get_args(t) for t in (GQAMode, ImportanceKernel, KeyOrder, Backend)
+Estimator = Literal["mean_pool", "antidiagonal"]
+GQA_MODES, IMPORTANCE_KERNELS, KEY_ORDERS, BACKENDS, ESTIMATORS = (
+    get_args(t) for t in (GQAMode, ImportanceKernel, KeyOrder, Backend, Estimator)
 )
 
 
@@ -73,6 +74,13 @@ class PBSConfig:
             (extra ``flexpbs[flash]``; experimental in torch): CUDA, float16 or bfloat16, head dim
             64 or 128 and ``block_size`` 128 only (what was checked); ImportError when the package
             is missing, ValueError for other inputs.
+        estimator: how a tile is scored for selection. ``"mean_pool"`` (default, PBS-Attn): the
+            softmax of mean query . mean key over the candidate blocks. ``"antidiagonal"``
+            (PBS-Attn+): XAttention's strided antidiagonal sums of q . k on the permuted keys, which
+            keep token-level evidence (see :mod:`flexpbs.antidiagonal`); it costs more.
+        antidiagonal_stride: S, the antidiagonal estimator's stride (XAttention's default, 8): it
+            sums S query-key products per strided entry; must divide ``block_size``. Read only
+            with ``estimator="antidiagonal"``.
     """
 
     block_size: int = 128
@@ -86,6 +94,8 @@ class PBSConfig:
     max_shrink: float | None = None
     exact_last_block: bool = False
     backend: Backend = "auto"
+    estimator: Estimator = "mean_pool"
+    antidiagonal_stride: int = 8
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -126,6 +136,13 @@ class PBSConfig:
             raise TypeError(f"exact_last_block must be a bool, got {type(self.exact_last_block).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        _check_int("antidiagonal_stride", self.antidiagonal_stride, minimum=1)
+        if self.estimator == "antidiagonal" and self.block_size % self.antidiagonal_stride:
+            raise ValueError(
+                f"antidiagonal_stride {self.antidiagonal_stride} does not divide block_size {self.block_size}"
+            )
 
     @classmethod
     def resolve(cls, config: PBSConfig | None, options: Mapping[str, Any]) -> PBSConfig:

@@ -158,6 +158,8 @@ def _pbs_heads(
         threshold=cfg.threshold,
         scale=scale,
         lengths=lengths,
+        estimator=cfg.estimator,
+        stride=cfg.antidiagonal_stride,
     )
     tiles = select_tiles(query, key_p, perm, **select)
     sorted_rows = torch.full(perm.shape[:2], cfg.key_order == "sorted", device=query.device)

@@ -132,9 +132,18 @@ def selection(query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config
                     j for j in range(n_blocks) if j // blocks_per_segment < kb // blocks_per_segment
                 ]
                 chosen: list[int] = []
-                if candidates:
+                if candidates and config.estimator == "antidiagonal":
+                    q_rows = torch.zeros(bs, d)  # the block's positions; rows without a query stay 0
+                    present = torch.zeros(bs, dtype=torch.bool)
+                    q_rows[positions[in_block] - kb * bs] = query[b, h][in_block].cpu().float()
+                    present[positions[in_block] - kb * bs] = True
+                    probs = antidiagonal_block(
+                        q_rows, present, k_perm, candidates, config.antidiagonal_stride, scale
+                    )
+                elif candidates:
                     logits = torch.stack([pooled_q @ pooled_k[j] for j in candidates]) * scale
                     probs = torch.softmax(logits, dim=0).tolist()
+                if candidates:
                     ranked = sorted(range(len(candidates)), key=lambda c: -probs[c])
                     mass = 0.0
                     for c in ranked:
@@ -150,6 +159,38 @@ def selection(query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config
                         chosen.append(j)
                 tiles[b, h, i, chosen] = True
     return tiles
+
+
+def antidiagonal_block(
+    q_rows: torch.Tensor,
+    present: torch.Tensor,
+    k_perm: torch.Tensor,
+    candidates: list[int],
+    stride: int,
+    scale: float,
+) -> list[float]:
+    """One query block's antidiagonal tile scores over its candidate key blocks.
+
+    Args:
+        q_rows: ``[block, D]`` float32 queries at the block's positions, zero rows where none.
+        present: ``[block]`` bool, the positions holding a query.
+        k_perm: ``[N, D]`` float32 keys in permuted order.
+
+    Returns:
+        Per candidate, the mean over the block's strided rows holding a query of the softmax mass
+        (over all candidates' strided columns) of the candidate's strided columns.
+    """
+    bs = q_rows.shape[0]
+    per_block = bs // stride
+    squares = []  # per candidate: [R, R] antidiagonal sums of its stride x stride squares
+    for j in candidates:
+        block = (q_rows @ k_perm[j * bs : (j + 1) * bs].T).view(per_block, stride, per_block, stride)
+        # query offset stride-1-t pairs with key offset t: the flipped square's diagonal
+        squares.append(block.flip(1).diagonal(dim1=1, dim2=3).sum(-1))
+    logits = torch.stack(squares, dim=1).flatten(1) * (scale / stride)  # [R, candidates * R]
+    probs = torch.softmax(logits, dim=-1).view(per_block, len(candidates), per_block).sum(-1)
+    held = present.view(per_block, stride).any(-1)
+    return probs[held].mean(dim=0).tolist()
 
 
 def last_block(importance_rows: torch.Tensor, perm: torch.Tensor, config: PBSConfig) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from flexpbs.antidiagonal import antidiagonal_scores
+from flexpbs.config import Estimator
 from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import block_first_positions
@@ -226,6 +228,8 @@ def select_tiles(
     threshold: float,
     scale: float,
     lengths: SequenceLengths | None = None,
+    estimator: Estimator = "mean_pool",
+    stride: int = 8,
 ) -> torch.Tensor:
     """The tiles to compute, per (batch, query head).
 
@@ -237,6 +241,8 @@ def select_tiles(
             ``key_p`` are ``[B, H, L, D]`` frames, L a whole number of blocks): each sequence's real
             rows are pooled, its dense rows keep every causal tile, and blocks without its queries
             get no tile.
+        estimator: ``"mean_pool"`` scores tiles by pooled blocks (module docstring);
+            ``"antidiagonal"`` by strided antidiagonal sums at ``stride`` (:mod:`flexpbs.antidiagonal`).
 
     Returns:
         ``[B, Hq, nbq, nb]`` bool over (query block, permuted key block), nb = ceil(N / block_size),
@@ -247,21 +253,23 @@ def select_tiles(
     group = q_heads // perm_heads
     offset = key_p.shape[2] - n_queries
     first_query_block = offset // block_size
-    if lengths is None:
-        pooled_q, pooled_k = (
-            pool_blocks(query, block_size, lead=offset % block_size),
-            pool_blocks(key_p, block_size),
-        )
-    else:  # a frame: zero rows outside each sequence, means over its real rows
-        frame = key_p.shape[2]
-        pooled_q, pooled_k = (
-            x.unflatten(2, (-1, block_size)).sum(dim=3, dtype=torch.float32)
-            / lengths.rows_per_block(frame, block_size, queries=queries).clamp_min(1)[:, None]
-            for x, queries in ((query, True), (key_p, False))
-        )
-    q_rows = _group_rows(pooled_q, group)
-    k_cols = pooled_k.transpose(-1, -2)  # [B, Hp, D, nb]
-    q_blocks, n_blocks = q_rows.shape[2] // group, k_cols.shape[-1]
+    n_blocks = cdiv(key_p.shape[2], block_size)
+    q_blocks = n_blocks - first_query_block
+    if estimator == "mean_pool":
+        if lengths is None:
+            pooled_q, pooled_k = (
+                pool_blocks(query, block_size, lead=offset % block_size),
+                pool_blocks(key_p, block_size),
+            )
+        else:  # a frame: zero rows outside each sequence, means over its real rows
+            frame = key_p.shape[2]
+            pooled_q, pooled_k = (
+                x.unflatten(2, (-1, block_size)).sum(dim=3, dtype=torch.float32)
+                / lengths.rows_per_block(frame, block_size, queries=queries).clamp_min(1)[:, None]
+                for x, queries in ((query, True), (key_p, False))
+            )
+        q_rows = _group_rows(pooled_q, group)
+        k_cols = pooled_k.transpose(-1, -2)  # [B, Hp, D, nb]
     grid = tile_grid(
         q_blocks, n_blocks, first_query_block, key_p.shape[2], block_size, segment_size, query.device
     )
@@ -278,6 +286,7 @@ def select_tiles(
         row_candidates = candidates.repeat_interleave(group, dim=0)  # [nbq * group, nb]
         # once: bands slice them
         bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates, grid.columns)
+        block_bias = _candidate_bias(candidates)
         for r0, r1, columns in row_bands(
             q_blocks, n_blocks, first_query_block, segment_size // block_size, own_segment=False
         ):
@@ -289,9 +298,24 @@ def select_tiles(
             for h0 in range(0, perm_heads, step):
                 heads = slice(h0, h0 + step)
                 # every row of a band has a candidate: the first band starts in the second segment
-                probs = _candidate_softmax(
-                    q_rows[:, heads, rows], k_cols[:, heads, :, :columns], bias[rows, :columns], scale
-                )
+                if estimator == "mean_pool":
+                    probs = _candidate_softmax(
+                        q_rows[:, heads, rows], k_cols[:, heads, :, :columns], bias[rows, :columns], scale
+                    )
+                else:
+                    probs = antidiagonal_scores(
+                        query[:, h0 * group : (h0 + step) * group],
+                        key_p[:, heads],
+                        first_block=r0,
+                        end_block=r1,
+                        columns=columns,
+                        bias=block_bias[r0:r1, :columns],
+                        block_size=block_size,
+                        stride=stride,
+                        scale=scale,
+                        lead=offset % block_size,
+                        lengths=lengths,
+                    )
                 out = by_rows[:, heads, r0:r1, :, :columns]
                 _threshold_into(
                     out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold

@@ -70,18 +70,19 @@ def unpadded_calls(q, k, v, valid, **options):
     return out, stats
 
 
-@settings(max_examples=4)
+@settings(max_examples=6)
 @given(
     data=st.data(),
     n_queries=st.sampled_from([520, 300]),
     threshold=st.sampled_from([0.5, 1.0]),
     gqa=st.sampled_from(["shared", "per_head"]),
+    estimator=st.sampled_from(["mean_pool", "antidiagonal"]),
 )
-def test_padded_batch_equals_unpadded_calls_per_sequence(data, n_queries, threshold, gqa):
+def test_padded_batch_equals_unpadded_calls_per_sequence(data, n_queries, threshold, gqa, estimator):
     q, k, v = make_qkv(CASE)
     q = q[:, :, CASE.seq_len - n_queries :]
     valid = data.draw(padding_masks(CASE.batch, CASE.seq_len))
-    options = dict(block_size=64, segment_size=128, threshold=threshold, gqa=gqa)
+    options = dict(block_size=64, segment_size=128, threshold=threshold, gqa=gqa, estimator=estimator)
     out, stats = flexpbs.attention(q, k, v, valid_keys=valid, return_stats=True, **options)
     want, want_stats = unpadded_calls(q, k, v, valid, **options)
     torch.testing.assert_close(out, want, rtol=0, atol=1e-6)

@@ -51,7 +51,7 @@ def batches(draw):
     return lengths
 
 
-@settings(max_examples=25)
+@settings(max_examples=30)
 @given(
     lengths=batches(),
     seed=st.integers(0, 2**16),
@@ -63,6 +63,8 @@ def batches(draw):
             dict(key_order="original"),
             dict(exact_last_block=True),
             dict(max_shrink=0.1),
+            dict(estimator="antidiagonal"),
+            dict(estimator="antidiagonal", antidiagonal_stride=4, gqa="per_head", max_shrink=0.1),
         ]
     ),
 )
