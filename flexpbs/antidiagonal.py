@@ -31,9 +31,7 @@ from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 
 
-def strided_rows(
-    query: torch.Tensor, first_row: int, end_row: int, lead: int, stride: int
-) -> torch.Tensor:
+def strided_rows(query: torch.Tensor, first_row: int, end_row: int, lead: int, stride: int) -> torch.Tensor:
     """Aligned query rows ``first_row..end_row`` as strided rows: ``[B, H, (end - first) / S, S * D]``,
     each S consecutive rows concatenated in reverse order (the antidiagonal's pairing); rows before
     ``lead`` or past the queries are zeros."""
