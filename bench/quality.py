@@ -7,7 +7,9 @@
 ``run`` measures, for dense attention, PBS (thresholds x segment sizes) and the same selector without
 permutation (``key_order="original"``), and with ``--families`` the options beyond the paper:
 - perplexity of each text (all tokens and the last 512), with the method in every layer;
-- passkey retrieval: a random 5-digit key hidden at a random depth of a real text, greedy answer;
+- retrieval (``--tasks``): a random 5-digit pass key hidden at a random depth of a real text, and
+  (``uuid``) the number of one of several UUID-keyed needles in that text (RULER's multi-key task, the
+  class where mean pooling fails); greedy answers, hits counted per seeded trial;
 - per layer and head, on q/k/v captured from the dense run: density, attention recall (share of the
   dense attention mass inside the computed tiles) and relative output error.
 It writes results.json into ``--out``, and the q/k/v of every layer of the dense run of the first text
@@ -26,6 +28,7 @@ import os
 import random
 import sys
 import time
+import uuid as _uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,8 @@ class Method:
             name += f" + head guard {cfg.max_shrink}"
         if cfg.exact_last_block:
             name += " + exact last block"
+        if cfg.estimator == "antidiagonal":
+            name += f" + antidiagonal {cfg.antidiagonal_stride}"
         return f"{name}, segment {cfg.segment_size}"
 
 
@@ -73,6 +78,8 @@ FAMILY_OPTIONS: dict[str, dict] = {
     "PBS+last": {"exact_last_block": True},
     "noperm+last": {"key_order": "original", "exact_last_block": True},
     "guard+last": {"max_shrink": "{ms}", "exact_last_block": True},
+    "PBS+": {"estimator": "antidiagonal"},  # PBS-Attn+
+    "noperm+": {"key_order": "original", "estimator": "antidiagonal"},
 }
 FAMILIES = ("dense", *FAMILY_OPTIONS)
 
@@ -205,27 +212,61 @@ def passkey_prompt(
     return torch.cat([body[:, :at], needle, body[:, at:], question], dim=1)
 
 
+def uuid_prompt(
+    tok: PreTrainedTokenizerBase, haystack: torch.Tensor, n: int, rng: random.Random, needles: int = 2
+) -> tuple[torch.Tensor, str]:
+    """(``[1, n]`` ids, the answer): key-value retrieval with random UUID keys (RULER's multi-key
+    needle task, the class where mean pooling fails). ``needles`` sentences "The special magic number
+    for <UUID> is: <6 digits>." at random depths of ``haystack``; the question names one of the UUIDs."""
+
+    def uuid() -> str:
+        return str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    pairs = [(uuid(), rng.randint(100000, 999999)) for _ in range(needles)]
+    sentences = [
+        tok(f"\nThe special magic number for {key} is: {value}.\n", return_tensors="pt").input_ids
+        for key, value in pairs
+    ]
+    key, value = pairs[rng.randrange(needles)]
+    question = tok(
+        f"\nWhat is the special magic number for {key}? The special magic number for {key} is:",
+        return_tensors="pt",
+    ).input_ids
+    room = n - question.shape[1] - sum(s.shape[1] for s in sentences)
+    body = haystack[:, :room]
+    parts, previous = [], 0
+    for cut, sentence in zip(sorted(rng.randint(0, room) for _ in pairs), sentences, strict=True):
+        parts += [body[:, previous:cut], sentence]
+        previous = cut
+    return torch.cat([*parts, body[:, previous:], question], dim=1), str(value)
+
+
 @torch.no_grad()
-def passkey_accuracy(
+def retrieval_accuracy(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     haystack: torch.Tensor,
     n: int,
     trials: int,
     seed: int,
-) -> tuple[float, float]:
-    """(share of ``trials`` seeded prompts of ``n`` tokens whose greedy answer holds the key, mean
-    density)."""
+    task: str = "passkey",
+    uuid_needles: int = 2,
+) -> tuple[int, float]:
+    """(hits among ``trials`` seeded prompts of ``n`` tokens whose greedy answer holds the answer, mean
+    density). ``task``: ``"passkey"`` (a 5-digit key in ``haystack``) or ``"uuid"`` (:func:`uuid_prompt`
+    with ``uuid_needles`` keys)."""
     rng = random.Random(seed)
     hits, dens = 0, []
     for _ in range(trials):
-        key, depth = rng.randint(10000, 99999), rng.random()
-        ids = passkey_prompt(tok, haystack, n, depth, key)
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-        answer = tok.decode(out[0, ids.shape[1] :])
-        hits += str(key) in answer.replace(" ", "")
+        if task == "passkey":
+            key, depth = rng.randint(10000, 99999), rng.random()
+            ids, answer, new_tokens = passkey_prompt(tok, haystack, n, depth, key), str(key), 8
+        else:
+            (ids, answer), new_tokens = uuid_prompt(tok, haystack, n, rng, uuid_needles), 10
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        hits += answer in tok.decode(out[0, ids.shape[1] :]).replace(" ", "")
         dens += [d.mean().item() for d in RECORDER.density.values()] or [1.0]
-    return hits / trials, sum(dens) / len(dens)
+    return hits, sum(dens) / len(dens)
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -363,25 +404,30 @@ def run_passkey(
         if (m.config is None and args.passkey_dense)
         or (m.config is not None and m.config.threshold in args.passkey_thresholds)
     ]
-    for method in tqdm(chosen, desc=f"passkey {n}", file=sys.stdout):
-        use(model, method)
-        RECORDER.density.clear()
-        RECORDER.sorted_rows.clear()
-        start = time.perf_counter()
-        acc, dens = passkey_accuracy(model, tok, haystack, n, args.passkey_trials, args.seed + n)
-        results["passkey"].append(
-            dict(
-                n=n,
-                method=method.label,
-                family=method.family,
-                threshold=method.config.threshold if method.config else 1.0,
-                accuracy=acc,
-                density=dens,
-                trials=args.passkey_trials,
-                seconds=time.perf_counter() - start,
+    for task in args.tasks:
+        for method in tqdm(chosen, desc=f"{task} {n}", file=sys.stdout):
+            use(model, method)
+            RECORDER.density.clear()
+            RECORDER.sorted_rows.clear()
+            start = time.perf_counter()
+            hits, dens = retrieval_accuracy(
+                model, tok, haystack, n, args.passkey_trials, args.seed + n, task, args.uuid_needles
             )
-        )
-        save()
+            results["passkey"].append(
+                dict(
+                    n=n,
+                    task=task,
+                    method=method.label,
+                    family=method.family,
+                    threshold=method.config.threshold if method.config else 1.0,
+                    accuracy=hits / args.passkey_trials,
+                    hits=hits,
+                    density=dens,
+                    trials=args.passkey_trials,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+            save()
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -420,7 +466,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ppl-texts", nargs="+", choices=["licenses", "python"], default=["licenses", "python"]
     )
-    parser.add_argument("--passkey-trials", type=int, default=8)
+    parser.add_argument("--passkey-trials", type=int, default=8, help="trials per retrieval task and method")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=["passkey", "uuid"],
+        default=["passkey"],
+        help="retrieval tasks: a 5-digit pass key in a text; the number of one of several UUID keys",
+    )
+    parser.add_argument("--uuid-needles", type=int, default=2, help="UUID-keyed needles per uuid prompt")
     parser.add_argument("--passkey-thresholds", type=float, nargs="+", default=[0.9])
     parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity and per-layer analysis")
     parser.add_argument("--no-passkey", action="store_true")

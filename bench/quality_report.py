@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,13 +62,25 @@ def perplexity_tables(r: dict) -> str:
     return "\n".join(out)
 
 
+def wilson_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate: sound at 0 or all hits and for few trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = hits / trials
+    center = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def passkey_table(r: dict) -> str:
-    """Markdown: passkey accuracy per (length, method)."""
-    out = ["| tokens | method | density | accuracy | trials |", "|---|---|---|---|---|"]
+    """Markdown: retrieval hits per (task, length, method), with 95% Wilson intervals."""
+    out = ["| task | tokens | method | density | hits / trials | 95% interval |", "|---|---|---|---|---|---|"]
     for row in r["passkey"]:
+        hits = row.get("hits", round(row["accuracy"] * row["trials"]))  # files before hits were stored
+        low, high = wilson_interval(hits, row["trials"])
         out.append(
-            f"| {row['n']} | {row['method']} | {row['density']:.3f} | {row['accuracy']:.2f} | "
-            f"{row['trials']} |"
+            f"| {row.get('task', 'passkey')} | {row['n']} | {row['method']} | {row['density']:.3f} | "
+            f"{hits}/{row['trials']} | {low:.2f}-{high:.2f} |"
         )
     return "\n".join(out)
 
@@ -149,11 +162,11 @@ def tradeoff_plots(r: dict, out: Path, prefix: str = "") -> None:
 
 
 def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
-    """``{prefix}passkey_{N}.png``: density against passkey accuracy per family."""
+    """``{prefix}{task}_{N}.png``: density against retrieval accuracy per family (task passkey or uuid)."""
     groups = defaultdict(list)
     for row in r["passkey"]:
-        groups[row["n"]].append(row)
-    for n, rows in groups.items():
+        groups[(row.get("task", "passkey"), row["n"])].append(row)
+    for (task, n), rows in groups.items():
         fig = Figure(figsize=(5, 3.4))
         ax = fig.subplots()
         points = defaultdict(list)
@@ -164,13 +177,13 @@ def passkey_plot(r: dict, out: Path, prefix: str = "") -> None:
         trials = rows[0]["trials"]
         plot.tradeoff(
             points,
-            ylabel=f"passkey accuracy ({trials} trials)",
+            ylabel=f"{task} accuracy ({trials} trials)",
             baseline=dense,
             ax=ax,
-            title=f"passkey, {n} tokens",
+            title=f"{task}, {n} tokens",
         )
         fig.tight_layout()
-        fig.savefig(out / f"{prefix}passkey_{n}.png", dpi=110)
+        fig.savefig(out / f"{prefix}{task}_{n}.png", dpi=110)
 
 
 def layer_density_plot(r: dict, out: Path, threshold: str = "t0.9") -> None:

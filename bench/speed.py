@@ -6,12 +6,15 @@
     python -m bench speed --densities 0.05 0.1 0.2 0.4 0.8 --lengths 131072
     python -m bench speed --lengths 131072 --seeds 0 1 2 3 --methods flexpbs cudnn
     python -m bench speed --lengths 131072 --target-density 0.22 --methods flexpbs flexpbs_flash cudnn
+    python -m bench speed --lengths 131072 --target-density 0.22 --match-density \
+        --methods flexpbs antidiagonal flexpbs_flash antidiagonal_flash cudnn       # PBS-Attn+ at 22%
 
 Methods (``--methods``): ``flexpbs`` (``backend="triton"``, with a per-stage breakdown), ``flexpbs_flash``
 (``backend="flash"``: FlexAttention's FLASH backend, when flash-attn-4 is importable), ``noperm`` (the same
 selector without permutation, ``key_order="original"``), the options beyond the paper end to end (``guard``:
 ``max_shrink=0.1``; ``guard_last``: with ``exact_last_block=True``; ``last``: PBS with
-``exact_last_block=True``; ``noperm_last``: no permutation with ``exact_last_block=True``), ``flex_causal``
+``exact_last_block=True``; ``noperm_last``: no permutation with ``exact_last_block=True``), PBS-Attn+
+(``antidiagonal``, ``antidiagonal_flash``: ``estimator="antidiagonal"``, stride 8), ``flex_causal``
 (dense compiled FlexAttention), ``cudnn`` and ``fa2`` (SDPA backends, dense causal), ``pbs_attn`` (the
 original implementation, when ``pbs_attn`` is importable, e.g. its repository's ``pbs_attn`` folder on
 PYTHONPATH; K/V repeated to Hq heads, as it requires). Every flexpbs method runs its sparse path at every
@@ -25,8 +28,9 @@ max abs and relative L2 error vs dense float32 attention on sampled rows. ``--de
 attention stage alone on random tile sets of fixed density (time against density); ``--target-density``
 runs every method end to end at the threshold that gives flexpbs that density on each input (set by
 bisection on the selection, reported in the JSON), i.e. the workload's operating point set by density
-rather than by threshold. ``--seeds`` times several draws of the synthetic workload. Writes speed.json and
-speed.png to ``--out`` and prints markdown tables last.
+rather than by threshold; with ``--match-density`` each flexpbs method gets its own threshold for that
+density (estimators compared at equal work). ``--seeds`` times several draws of the synthetic workload.
+Writes speed.json and speed.png to ``--out`` and prints markdown tables last.
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ PBS_METHODS: dict[str, dict] = {
     "guard_last": {"max_shrink": 0.1, "exact_last_block": True, "backend": "triton"},
     "last": {"exact_last_block": True, "backend": "triton"},
     "noperm_last": {"key_order": "original", "exact_last_block": True, "backend": "triton"},
+    "antidiagonal": {"estimator": "antidiagonal", "backend": "triton"},  # PBS-Attn+
+    "antidiagonal_flash": {"estimator": "antidiagonal", "backend": "flash"},
 }
-STAGE_METHODS = ("flexpbs", "flexpbs_flash", "noperm")  # also timed stage by stage
+STAGE_METHODS = ("flexpbs", "flexpbs_flash", "noperm", "antidiagonal", "antidiagonal_flash")  # also by stage
 METHODS = (*PBS_METHODS, "flex_causal", "cudnn", "fa2", "pbs_attn")
 # The dense FlexAttention baseline: the user's own compiled flex_attention, static shapes.
 dense_flex = torch.compile(flex_attention, dynamic=False)
@@ -103,14 +109,14 @@ def tflops(tiles_per_head: float, heads: int, batch: int, block: int, head_dim: 
 
 
 def threshold_for_density(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, target: float, steps: int = 14
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, target: float, steps: int = 14, **options
 ) -> float:
-    """The threshold at which flexpbs (defaults otherwise) selects ``target`` of the causal tiles, by
-    bisection on the selection stage (density grows with the threshold)."""
+    """The threshold at which flexpbs (defaults, or ``options``) selects ``target`` of the causal tiles,
+    by bisection on the selection stage (density grows with the threshold)."""
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        tiles = stage_calls(q, k, v, PBSConfig(threshold=mid)).tiles
+        tiles = stage_calls(q, k, v, PBSConfig(threshold=mid, **options)).tiles
         lo, hi = (mid, hi) if density(tiles).mean().item() < target else (lo, mid)
     return (lo + hi) / 2
 
@@ -187,7 +193,12 @@ def run_length(
             print(f"{label} N={n} {name}: flash_attn.cute (flash-attn-4) is not importable, skipped")
             continue
         if name in PBS_METHODS:
-            cfg = PBSConfig(threshold=threshold, min_seq_len=0, **PBS_METHODS[name])
+            own = threshold
+            if args.target_density and args.match_density:  # each method at the density, not the threshold
+                selection = {key: val for key, val in PBS_METHODS[name].items() if key != "backend"}
+                own = threshold_for_density(q, k, v, args.target_density, **selection)
+                print(f"{label} N={n} {name}: threshold {own:.4f}", flush=True)
+            cfg = PBSConfig(threshold=own, min_seq_len=0, **PBS_METHODS[name])
             method = pbs_method(q, k, v, cfg, stages=name in STAGE_METHODS and not args.no_stages)
         elif name == "pbs_attn":
             method = pbs_attn_method(q, k, v, threshold)
@@ -218,7 +229,7 @@ def run_length(
             method=name,
             ms=t,
             density=method.density,
-            threshold=threshold,
+            threshold=own if name in PBS_METHODS else threshold,
             max_err=(got - want).abs().max().item(),
             rel_err=((got - want).norm() / want.norm()).item(),
             peak_extra_gib=mem,
@@ -334,6 +345,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="instead of --threshold: the threshold at which flexpbs selects this density, per input",
+    )
+    parser.add_argument(
+        "--match-density",
+        action="store_true",
+        help="with --target-density: bisect the threshold of each flexpbs method, not of flexpbs only",
     )
     parser.add_argument(
         "--methods",

@@ -202,6 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "flash"])
     parser.add_argument("--key-order", default="sorted", choices=["sorted", "original"])
+    parser.add_argument("--estimator", default="mean_pool", choices=["mean_pool", "antidiagonal"])
+    parser.add_argument("--antidiagonal-stride", type=int, default=8)
     parser.add_argument(
         "--count-ops", action="store_true", help="count operators per stage on the meta device (CPU)"
     )
@@ -215,7 +217,13 @@ def run(args: argparse.Namespace) -> None:
         print_op_counts(args.lengths, args.top)
         return
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    cfg = PBSConfig(threshold=args.threshold, backend=args.backend, key_order=args.key_order)
+    cfg = PBSConfig(
+        threshold=args.threshold,
+        backend=args.backend,
+        key_order=args.key_order,
+        estimator=args.estimator,
+        antidiagonal_stride=args.antidiagonal_stride,
+    )
     rows = []
     for n in args.lengths:
         q, k, v = synthetic_qkv(1, 32, 8, n, 128, device="cuda")
@@ -223,7 +231,10 @@ def run(args: argparse.Namespace) -> None:
         print(n, rows[-1][1], {name: round(t, 3) for name, t in rows[-1][2].items()}, flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    print(f"\nkey_order={args.key_order}, threshold {args.threshold}; ms, each stage alone\n")
+    print(
+        f"\nkey_order={args.key_order}, estimator={args.estimator} (stride {args.antidiagonal_stride}), "
+        f"threshold {args.threshold}; ms, each stage alone\n"
+    )
     print("| N | backend | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
     for n, backend, times in rows:
         cells = " | ".join(f"{times[s]:.2f}" if s in times else "-" for s in STAGES)
