@@ -16,6 +16,9 @@ Shapes and words, the same in every module:
   computed, over permuted key blocks. FlexAttention's ``BlockMask`` is built from them, not the same.
 - segment: ``segment_size`` keys inside which keys are sorted by importance; ``key_positions``: the
   original position of the key at each permuted slot.
+- importance: how much the last query block attends to each key (it orders the keys); estimator: how a
+  tile is scored for selection (``"mean_pool"`` or ``"antidiagonal"``); stride ``S``: the antidiagonal
+  estimator's group of S queries and S keys per strided entry.
 """
 
 from flexpbs import limits, nn
