@@ -65,10 +65,11 @@ def _strided_logits(
         # strided row g takes aligned rows g*S + S-1-t; strided column h takes keys h*S + t
         q_rows = q_row0 + r[:, None] * S + (S - 1 - t)[None, :]
         q_ok = (r[:, None] < R) & (t < S)[None, :] & (d < D)[None, :] & (q_rows >= q_first) & (q_rows < q_end)
-        q = tl.load(q_base + q_rows * stride_qn + d[None, :], mask=q_ok, other=0.0)
+        # int64 offsets: row * stride passes 2^31 at 512K keys in a [B, N, H, D] layout
+        q = tl.load(q_base + q_rows.to(tl.int64) * stride_qn + d[None, :], mask=q_ok, other=0.0)
         k_rows = k_row0 + r[:, None] * S + t[None, :]
         k_ok = (r[:, None] < R) & (t < S)[None, :] & (d < D)[None, :] & (k_rows < n_keys)
-        k = tl.load(k_base + k_rows * stride_kn + d[None, :], mask=k_ok, other=0.0)
+        k = tl.load(k_base + k_rows.to(tl.int64) * stride_kn + d[None, :], mask=k_ok, other=0.0)
         if UPCAST:
             q, k = q.to(tl.float32), k.to(tl.float32)
         acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -117,8 +118,9 @@ def _antidiagonal_kernel(
     q_first = tl.load(first_ptr + b * stride_fb)
     q_end = tl.load(end_ptr + b * stride_fb)
     q_row0 = (first_block + i) * BLOCK
-    q_base = q_ptr + b * stride_qb + hq * stride_qh - lead * stride_qn  # row x at q_base + x * stride
-    k_base = k_ptr + b * stride_kb + (hq // GROUP) * stride_kh
+    # aligned row x at q_base + x * stride_qn
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh - lead * stride_qn
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (hq // GROUP).to(tl.int64) * stride_kh
     r = tl.arange(0, BLOCK_R)
     row_start = q_row0 + r * S
     held = (r < R) & (row_start + S > q_first) & (row_start < q_end)
@@ -139,7 +141,12 @@ def _antidiagonal_kernel(
 
     # each held row's probabilities, weighted 1 / (held rows); rows without a query weigh 0
     weight = tl.where(held, 1.0 / (row_sum * tl.maximum(n_held, 1.0)), 0.0)
-    out_row = out_ptr + b * stride_ob + (hq // GROUP) * stride_oh + (i * GROUP + hq % GROUP) * stride_or
+    out_row = (
+        out_ptr
+        + b.to(tl.int64) * stride_ob
+        + (hq // GROUP).to(tl.int64) * stride_oh
+        + (i * GROUP + hq % GROUP).to(tl.int64) * stride_or
+    )
     for j in range(0, n_candidates):
         s = _strided_logits(
             q_base, k_base, q_row0, q_first, q_end, j * BLOCK, n_keys, stride_qn, stride_kn, logit_scale,
