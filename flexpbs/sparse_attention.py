@@ -221,6 +221,9 @@ def _folded_flex(
     """
     batch, q_heads = query.shape[:2]
     rows = batch * key_p.shape[1]
+    if rows == 1:
+        return _two_halves(query, key_p, value_p, lists, positions, block_size, scale, kernel_options,
+                           dynamic_table)  # fmt: skip
     group = q_heads // key_p.shape[1]
     q_f = _contiguous(query, (rows, group, *query.shape[2:]))
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
@@ -247,6 +250,47 @@ def _folded_flex(
             )
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(batch, q_heads, *out.shape[2:])
+
+
+def _two_halves(
+    query: torch.Tensor,
+    key_p: torch.Tensor,
+    value_p: torch.Tensor,
+    lists: tuple[torch.Tensor, ...],
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    kernel_options: dict | None,
+    dynamic_table: bool,
+) -> torch.Tensor:
+    """:func:`_folded_flex` of a single permutation row (batch 1, one key head) as two rows, the two
+    halves of its query blocks over the same keys: a batch dimension of 1 would be a graph of its own
+    (0/1 specialisation), a second compile for one-KV-head models and head chunks. The second half's
+    original positions are shifted by the first half's length, so the causal test is unchanged.
+    Same arguments and result as :func:`_folded_flex` with ``B = Hp = 1``."""
+    length = query.shape[2]
+    half = max(2, cdiv(length // block_size, 2))  # query blocks per half, two at least (see above)
+    extra = 2 * half * block_size - length
+    if extra:  # padded query blocks have no key block in the lists: their rows come out 0, then go
+        query = F.pad(query, (0, 0, 0, extra))
+        lists = tuple(F.pad(x, (0, 0) * (x.dim() - 3) + (0, 2 * half - x.shape[2])) for x in lists)
+
+    def halves(x: torch.Tensor) -> torch.Tensor:  # [1, H, 2 * L, ...] -> [2, H, L, ...]
+        return x.unflatten(2, (2, -1)).movedim(2, 0).flatten(0, 1)
+
+    shifted = torch.cat([positions, positions - half * block_size])
+    out = _folded_flex(
+        halves(query),
+        key_p.expand(2, *key_p.shape[1:]),
+        value_p.expand(2, *value_p.shape[1:]),
+        tuple(halves(x) for x in lists),
+        shifted,
+        block_size,
+        scale,
+        kernel_options,
+        dynamic_table,
+    )
+    return torch.cat([out[0:1], out[1:2]], dim=2)[:, :, :length]
 
 
 def _contiguous(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

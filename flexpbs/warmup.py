@@ -71,22 +71,22 @@ def warmup(
         raise ValueError(f"query_heads {query_heads} must be a multiple of kv_heads {kv_heads}")
     device = torch.device(device)
     start = time.perf_counter()
-    # The shortest lengths that run the sparse path: a prompt, a chunk (which must reuse the graph), and
-    # a prompt of one KV head: the attention stage folds (batch, head) into its batch dimension, and the
-    # pipeline's head chunks of one KV head make that dimension 1, which compiles a graph of its own.
+    # The shortest lengths that run the sparse path: a prompt and a chunk (which must reuse the graph).
+    # The attention stage folds (batch, KV head) into a dynamic batch dimension of at least 2, so other
+    # batch sizes and the pipeline's head chunks share the graph.
     n = 4 * cfg.segment_size
-    calls = [(n, n, kv_heads), (n // 2 + 1, n, kv_heads), (n, n, 1)]
+    calls = [(n, n), (n // 2 + 1, n)]
     if device.type != "cuda" and max_seq_len is not None:
         capacity = 2 * CPU_MIN_CAPACITY
         while capacity < 2 * max_seq_len:  # one call per power-of-two capacity up to max_seq_len
-            calls += [(cfg.block_size, capacity // 2 + 1, kv_heads), (cfg.block_size, capacity // 2 + 1, 1)]
+            calls.append((cfg.block_size, capacity // 2 + 1))
             capacity *= 2
     gen = torch.Generator(device="cpu").manual_seed(0)
     group = query_heads // kv_heads
-    for n_queries, n_keys, heads in calls:
-        q = torch.randn(batch, group * heads, n_queries, head_dim, generator=gen).to(device, dtype)
-        k = torch.randn(batch, heads, n_keys, head_dim, generator=gen).to(device, dtype)
-        v = torch.randn(batch, heads, n_keys, value_dim or head_dim, generator=gen).to(device, dtype)
+    for n_queries, n_keys in calls:
+        q = torch.randn(batch, query_heads, n_queries, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(batch, kv_heads, n_keys, value_dim or head_dim, generator=gen).to(device, dtype)
         pbs_attention(q, k, v, cfg, return_stats=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -14,28 +14,32 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def chunk(q_len: int, n: int, seed: int):
-    q, k, v = make_qkv(Case(1, 2, 2, n, 64, 128, 256, seed=seed, sharpness=2.0))
+def chunk(q_len: int, n: int, seed: int, kv_heads: int = 2):
+    q, k, v = make_qkv(Case(1, kv_heads, 2, n, 64, 128, 256, seed=seed, sharpness=2.0))
     return q[:, :, n - q_len :], k, v
 
 
 def test_after_one_call_at_4096_shorter_lengths_and_chunks_compile_nothing():
     flexpbs.attention(*chunk(4096, 4096, seed=0), threshold=0.8)
-    flexpbs.attention(*chunk(128, 3000, seed=0), threshold=0.8)  # a table of one KV head's rows: batch 1
     before = graphs()
-    for seed, (q_len, n) in enumerate(
+    # one KV head at batch 1 (MQA models, the pipeline's head chunks) folds to a batch of 1: same graph
+    for seed, (q_len, n, kv_heads) in enumerate(
         [
-            (3000, 3000),
-            (3500, 3500),
-            (2600, 2600),
-            (1024, 3000),
-            (777, 3333),
-            (2, 4096),
-            (2049, 2049),
-            (300, 1000),
+            (3000, 3000, 2),
+            (3500, 3500, 2),
+            (2600, 2600, 2),
+            (1024, 3000, 2),
+            (777, 3333, 2),
+            (2, 4096, 2),
+            (2049, 2049, 2),
+            (300, 1000, 2),
+            (3000, 3000, 1),
+            (2944, 2944, 1),
+            (129, 3001, 1),
+            (1, 2500, 1),
         ]
     ):
-        q, k, v = chunk(q_len, n, seed)
+        q, k, v = chunk(q_len, n, seed, kv_heads)
         out, stats = flexpbs.attention(q, k, v, threshold=0.8, return_stats=True)
         assert not stats.dense
         want = flexpbs.attention(q, k, v, threshold=1.0)  # the same graph, every tile

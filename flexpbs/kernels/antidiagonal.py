@@ -34,49 +34,51 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _strided_logits(
-    q_base,
-    k_base,
-    q_row0,
+    q_rows_ptr,
+    q_rows,
+    row_ok,
     q_first,
     q_end,
-    k_row0,
+    k_base,
+    k_rows,
+    col_ok,
     n_keys,
     stride_qn,
     stride_kn,
-    logit_scale,
     S: tl.constexpr,
     D: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    T_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``[BLOCK_R, BLOCK_R]`` base-2 logits of the block's strided rows (aligned rows from ``q_row0``;
-    only rows in ``[q_first, q_end)`` hold queries) with the strided columns of the key block starting
-    at key ``k_row0``."""
-    r = tl.arange(0, BLOCK_R)
-    e = tl.arange(0, T_CHUNK * BLOCK_D)
-    t_in, d = e // BLOCK_D, e % BLOCK_D
-    acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    for t0 in tl.static_range(0, S, T_CHUNK):
-        t = t0 + t_in
-        # strided row g takes aligned rows g*S + S-1-t; strided column h takes keys h*S + t
-        q_rows = q_row0 + r[:, None] * S + (S - 1 - t)[None, :]
-        q_ok = (r[:, None] < R) & (t < S)[None, :] & (d < D)[None, :] & (q_rows >= q_first) & (q_rows < q_end)
+    """``[BLOCK_M, BLOCK_N]`` unscaled strided logits: row m pairs aligned rows ``q_rows[m] + S-1-t``
+    (pointers ``q_rows_ptr[m]`` to aligned row 0 of its head) with keys ``k_rows[n] + t``, t < S, over
+    the D features. Rows outside ``[q_first, q_end)`` and keys past ``n_keys`` count as zeros."""
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, S):
+        x = q_rows + (S - 1 - t)
+        q_ok = row_ok & (x >= q_first) & (x < q_end)
+        y = k_rows + t
+        k_ok = col_ok & (y < n_keys)
         # int64 offsets: row * stride passes 2^31 at 512K keys in a [B, N, H, D] layout
-        q = tl.load(q_base + q_rows.to(tl.int64) * stride_qn + d[None, :], mask=q_ok, other=0.0)
-        k_rows = k_row0 + r[:, None] * S + t[None, :]
-        k_ok = (r[:, None] < R) & (t < S)[None, :] & (d < D)[None, :] & (k_rows < n_keys)
-        k = tl.load(k_base + k_rows.to(tl.int64) * stride_kn + d[None, :], mask=k_ok, other=0.0)
-        if UPCAST:
-            q, k = q.to(tl.float32), k.to(tl.float32)
-        acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    return acc * logit_scale
+        q_off = x.to(tl.int64) * stride_qn
+        k_off = y.to(tl.int64) * stride_kn
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d_ok = (d0 + d) < D
+            q_mask = q_ok[:, None] & d_ok[None, :]
+            k_mask = k_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_rows_ptr[:, None] + q_off[:, None] + (d0 + d)[None, :], mask=q_mask, other=0.0)
+            k = tl.load(k_base + k_off[:, None] + (d0 + d)[None, :], mask=k_mask, other=0.0)
+            if UPCAST:
+                q, k = q.to(tl.float32), k.to(tl.float32)
+            acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    return acc
 
 
-@triton.jit(do_not_specialize=["n_keys", "lead", "first_block"])
+@triton.jit(do_not_specialize=["n_keys", "lead", "first_block", "n_blocks"])
 def _antidiagonal_kernel(
     q_ptr,
     k_ptr,
@@ -87,6 +89,7 @@ def _antidiagonal_kernel(
     n_keys,
     lead,
     first_block,
+    n_blocks,
     logit_scale,
     stride_qb,
     stride_qh,
@@ -99,61 +102,121 @@ def _antidiagonal_kernel(
     stride_or,
     stride_fb,
     GROUP: tl.constexpr,
-    Q_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     BLOCK: tl.constexpr,
     S: tl.constexpr,
     D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HEADS: tl.constexpr,
+    QB: tl.constexpr,
+    KB: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    T_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i = tl.program_id(0)  # query block, relative to first_block
-    bh = tl.program_id(1)
-    b, hq = bh // Q_HEADS, bh % Q_HEADS
     R: tl.constexpr = BLOCK // S
-    n_candidates = tl.load(candidates_ptr + i)
-    # aligned query rows: row x is query x - lead; the rows holding queries are [first, end)
+    BLOCK_M: tl.constexpr = QB * HEADS * R_PAD
+    BLOCK_N: tl.constexpr = KB * R_PAD
+    CHUNKS: tl.constexpr = (GROUP + HEADS - 1) // HEADS
+    # the longest rows (most candidates) first: they bound the kernel's time
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // (KV_HEADS * CHUNKS)
+    kvh = (bh // CHUNKS) % KV_HEADS
+    chunk = bh % CHUNKS
+
+    # row m: query block i (QB per program), head g of the group (HEADS per program), strided row r
+    m = tl.arange(0, BLOCK_M)
+    i = pid * QB + m // (HEADS * R_PAD)
+    g = chunk * HEADS + (m // R_PAD) % HEADS
+    r = m % R_PAD
+    row_ok = (i < n_blocks) & (g < GROUP) & (r < R)
+    n_cand = tl.load(candidates_ptr + i, mask=i < n_blocks, other=0)
+    n_cand_max = tl.max(n_cand, 0)
     q_first = tl.load(first_ptr + b * stride_fb)
     q_end = tl.load(end_ptr + b * stride_fb)
-    q_row0 = (first_block + i) * BLOCK
-    # aligned row x at q_base + x * stride_qn
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh - lead * stride_qn
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + (hq // GROUP).to(tl.int64) * stride_kh
-    r = tl.arange(0, BLOCK_R)
-    row_start = q_row0 + r * S
-    held = (r < R) & (row_start + S > q_first) & (row_start < q_end)
-    n_held = tl.sum(held.to(tl.float32), 0)
+    block_start = (first_block + i) * BLOCK
+    q_rows = block_start + r * S  # aligned rows; aligned row x is query x - lead
+    q_rows_ptr = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + g).to(tl.int64) * stride_qh - lead * stride_qn
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
 
-    row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    col_ok = r < R
-    for j in range(0, n_candidates):
+    # weight of a row: 1 / (rows of its block that hold a query), 0 for rows without one
+    rr = tl.arange(0, R_PAD)
+    starts = block_start[:, None] + rr[None, :] * S
+    held_all = (rr < R)[None, :] & (starts + S > q_first) & (starts < q_end)
+    n_held = tl.sum(held_all.to(tl.float32), 1)
+    held = row_ok & (q_rows + S > q_first) & (q_rows < q_end)
+
+    # column n: key block j0 + kb, strided column h
+    n = tl.arange(0, BLOCK_N)
+    kb = n // R_PAD
+    h = n % R_PAD
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(0, n_cand_max, KB):
+        j = j0 + kb
+        col_ok = (h < R) & (j < n_cand_max)
         s = _strided_logits(
-            q_base, k_base, q_row0, q_first, q_end, j * BLOCK, n_keys, stride_qn, stride_kn, logit_scale,
-            S, D, R, BLOCK_R, BLOCK_D, T_CHUNK, UPCAST, PRECISION,
+            q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, j * BLOCK + h * S, col_ok, n_keys,
+            stride_qn, stride_kn, S, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
+        s = tl.where(valid, s * logit_scale, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
-        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), 1)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
         row_max = new_max
 
-    # each held row's probabilities, weighted 1 / (held rows); rows without a query weigh 0
-    weight = tl.where(held, 1.0 / (row_sum * tl.maximum(n_held, 1.0)), 0.0)
-    out_row = (
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    weight = tl.where(held, 1.0 / (tl.maximum(row_sum, 1e-30) * tl.maximum(n_held, 1.0)), 0.0)
+    # output row (query block, head in group) of each (QB, HEADS) pair
+    o = tl.arange(0, QB * HEADS)
+    o_i = pid * QB + o // HEADS
+    o_g = chunk * HEADS + o % HEADS
+    o_cand = tl.load(candidates_ptr + o_i, mask=o_i < n_blocks, other=0)
+    o_ok = (o_i < n_blocks) & (o_g < GROUP)
+    out_rows = (
         out_ptr
         + b.to(tl.int64) * stride_ob
-        + (hq // GROUP).to(tl.int64) * stride_oh
-        + (i * GROUP + hq % GROUP).to(tl.int64) * stride_or
+        + kvh.to(tl.int64) * stride_oh
+        + (o_i * GROUP + o_g).to(tl.int64) * stride_or
     )
-    for j in range(0, n_candidates):
+    kbs = tl.arange(0, KB)
+    for j0 in range(0, n_cand_max, KB):
+        j = j0 + kb
+        col_ok = (h < R) & (j < n_cand_max)
         s = _strided_logits(
-            q_base, k_base, q_row0, q_first, q_end, j * BLOCK, n_keys, stride_qn, stride_kn, logit_scale,
-            S, D, R, BLOCK_R, BLOCK_D, T_CHUNK, UPCAST, PRECISION,
+            q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, j * BLOCK + h * S, col_ok, n_keys,
+            stride_qn, stride_kn, S, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        p = tl.where(col_ok[None, :], tl.exp2(s - row_max[:, None]), 0.0)
-        tl.store(out_row + j, tl.sum(tl.sum(p, 1) * weight, 0))
+        valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
+        p = tl.where(valid, tl.exp2(s * logit_scale - safe_max[:, None]), 0.0) * weight[:, None]
+        per_row = tl.sum(tl.reshape(p, (QB * HEADS, R_PAD, BLOCK_N)), 1)  # [QB * HEADS, BLOCK_N]
+        per_tile = tl.sum(tl.reshape(per_row, (QB * HEADS, KB, R_PAD)), 2)  # [QB * HEADS, KB]
+        jj = j0 + kbs
+        mask = o_ok[:, None] & (jj[None, :] < o_cand[:, None])
+        tl.store(out_rows[:, None] + jj[None, :], per_tile, mask=mask)
+
+
+# Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
+# of one program's logit tile. A program streams its candidate keys once per pass, so more rows per
+# program mean fewer passes over the keys; more columns mean fewer reloads of the query rows.
+TILE_ROWS = 64
+TILE_COLUMNS = 128
+
+
+def _tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int) -> dict:
+    r_pad = triton.next_power_of_2(per_block)
+    g_pad = triton.next_power_of_2(group)
+    heads = min(g_pad, max(1, TILE_ROWS // r_pad))
+    query_blocks = max(1, TILE_ROWS // (heads * r_pad)) if heads == g_pad else 1
+    if query_blocks * heads * r_pad < 16:  # tl.dot needs 16 rows
+        query_blocks = 16 // (heads * r_pad)
+    columns = TILE_COLUMNS if elem_bytes <= 2 else TILE_COLUMNS // 2
+    key_blocks = max(1, columns // r_pad, 16 // r_pad)
+    block_d = max(16, min(triton.next_power_of_2(head_dim), 128 if elem_bytes <= 2 else 64))
+    return dict(R_PAD=r_pad, HEADS=heads, QB=query_blocks, KB=key_blocks, BLOCK_D=block_d)
 
 
 def launch(
@@ -182,23 +245,21 @@ def launch(
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
     key_p = key_p if key_p.stride(-1) == 1 else key_p.contiguous()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    per_block = block_size // stride
-    block_r = max(16, triton.next_power_of_2(per_block))
-    # about 2^12 elements per operand tile of one dot: several dots over the S * D features
-    t_chunk = min(triton.next_power_of_2(stride), max(1, 4096 // (block_r * block_d)))
-    fp32_inputs = query.dtype == torch.float32
-    grid = (blocks, batch * q_heads)
+    tile = _tile_shape(group, block_size // stride, head_dim, query.element_size())
+    rows = tile["QB"] * tile["HEADS"] * tile["R_PAD"]
+    cols = tile["KB"] * tile["R_PAD"]
+    chunks = triton.cdiv(group, tile["HEADS"])
+    grid = (triton.cdiv(blocks, tile["QB"]), batch * perm_heads * chunks)
     _antidiagonal_kernel[grid](
         query, key_p, out, candidates, first_query, end_query,
-        key_p.shape[2], lead, first_block, scale / stride * _LOG2E,
+        key_p.shape[2], lead, first_block, blocks, scale / stride * _LOG2E,
         *query.stride()[:3], *key_p.stride()[:3], *out.stride()[:3],
         0 if first_query.shape[0] == 1 else first_query.stride(0),
-        GROUP=group, Q_HEADS=q_heads, BLOCK=block_size, S=stride, D=head_dim,
-        BLOCK_R=block_r, BLOCK_D=block_d, T_CHUNK=t_chunk,
+        GROUP=group, KV_HEADS=perm_heads, BLOCK=block_size, S=stride, D=head_dim, **tile,
         UPCAST=_INTERPRETED or query.device.type != "cuda",
-        PRECISION="tf32x3" if fp32_inputs else "tf32",
-        num_warps=4,
+        PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        num_warps=8 if rows * cols >= 128 * 128 else 4,
+        num_stages=2,
     )  # fmt: skip
     return out
 
