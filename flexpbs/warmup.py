@@ -82,7 +82,6 @@ def warmup(
             calls.append((cfg.block_size, capacity // 2 + 1))
             capacity *= 2
     gen = torch.Generator(device="cpu").manual_seed(0)
-    group = query_heads // kv_heads
     for n_queries, n_keys in calls:
         q = torch.randn(batch, query_heads, n_queries, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(device, dtype)

@@ -137,7 +137,8 @@ def _antidiagonal_kernel(
     q_end = tl.load(end_ptr + b * stride_fb)
     block_start = (first_block + i) * BLOCK
     q_rows = block_start + r * S  # aligned rows; aligned row x is query x - lead
-    q_rows_ptr = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + g).to(tl.int64) * stride_qh - lead * stride_qn
+    heads = (kvh * GROUP + g).to(tl.int64)
+    q_rows_ptr = q_ptr + b.to(tl.int64) * stride_qb + heads * stride_qh - lead * stride_qn
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
 
     # weight of a row: 1 / (rows of its block that hold a query), 0 for rows without one
