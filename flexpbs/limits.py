@@ -27,6 +27,9 @@ class Limits:
     mask_check_elements: mask elements the transformers integration compares per step.
     max_table_tiles: tiles the tile table of one FlexAttention call may hold (its mask_mod lookups may
         use int32 indices); more KV heads than fit run in head chunks.
+    split_row_bytes: extra memory the attention stage may use to run a single permutation row (batch
+        1, one KV head: MQA models, head chunks) as two rows, which shares the compiled graph of every
+        other call; above it such a call has a graph of its own (:mod:`flexpbs.sparse_attention`).
     """
 
     min_chunk_bytes: int = 2**30
@@ -36,6 +39,7 @@ class Limits:
     max_bands: int = 8
     mask_check_elements: int = 2**24
     max_table_tiles: int = 2**31
+    split_row_bytes: int = 2**30
 
 
 LIMITS = Limits()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexpbs.block_mask import block_lists, causal_mask_mod
+from flexpbs.limits import LIMITS
 from flexpbs.tile_grid import cdiv
 
 # Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
@@ -221,7 +222,9 @@ def _folded_flex(
     """
     batch, q_heads = query.shape[:2]
     rows = batch * key_p.shape[1]
-    if rows == 1:
+    if rows == 1 and split_row_bytes(query.shape, key_p.shape, value_p.shape[-1], query.element_size()) <= (
+        LIMITS.split_row_bytes
+    ):
         return _two_halves(query, key_p, value_p, lists, positions, block_size, scale, kernel_options,
                            dynamic_table)  # fmt: skip
     group = q_heads // key_p.shape[1]
@@ -250,6 +253,14 @@ def _folded_flex(
             )
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(batch, q_heads, *out.shape[2:])
+
+
+def split_row_bytes(q_shape: torch.Size, k_shape: torch.Size, value_dim: int, element_size: int) -> int:
+    """Extra bytes :func:`_two_halves` takes for a single row: copies of the query in halves and of the
+    key and value for two rows, and the output joined from its halves."""
+    heads, n_queries, head_dim = q_shape[1:]
+    kv_copies = 2 * k_shape[2] * (head_dim + value_dim)
+    return element_size * (heads * n_queries * (head_dim + value_dim) + kv_copies)
 
 
 def _two_halves(

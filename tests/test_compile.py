@@ -58,6 +58,21 @@ def test_warmup_prepares_the_cpu_graphs_up_to_max_seq_len():
     assert graphs() == before
 
 
+def test_warmup_compiles_the_graph_of_single_rows_too_long_to_split():
+    # Batch 1 and head chunks of one KV head (3000 keys, not 512) are single permutation rows; above
+    # LIMITS.split_row_bytes they are not run as two rows, and need a graph of their own.
+    options = dict(block_size=64, segment_size=128)
+    with flexpbs.limits.override(split_row_bytes=0, min_chunk_bytes=300_000):
+        flexpbs.warmup(4, 2, 16, dtype=torch.float32, device="cpu", **options, threshold=0.7)
+        before = graphs()
+        for n_queries, n in [(3000, 3000), (100, 2000)]:
+            q, k, v = make_qkv(Case(1, 2, 2, n, 16, 64, 128, seed=n))
+            q = q[:, :, n - n_queries :]
+            out = flexpbs.attention(q, k, v, **options, threshold=1.0)
+            torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
+    assert graphs() == before
+
+
 def test_warmup_rejects_bad_shapes():
     with pytest.raises(ValueError, match="query_heads 3 must be a multiple of kv_heads 2"):
         flexpbs.warmup(3, 2, 64, device="cpu")
