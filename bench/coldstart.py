@@ -197,6 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="flexpbs backend option (default: flexpbs's default)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="flexpbs.warmup's max_seq_len")
     parser.add_argument(
         "--lengths",
         type=int,
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
     )
     if "warmup" in args.sections and not args.no_warmup and hasattr(flexpbs, "warmup"):
         result["warmup_s"] = flexpbs.warmup(
-            HEADS, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEV, **options
+            HEADS, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEV, max_seq_len=args.max_seq_len, **options
         )
         print(f"CUDA init {result['cuda_init_s']:.2f} s, then warmup: {result['warmup_s']:.2f} s", flush=True)
     q, k, v = synthetic_qkv(1, HEADS, KV_HEADS, args.draw, HEAD_DIM, device=DEV)
