@@ -228,7 +228,13 @@ def run(args: argparse.Namespace) -> None:
     )
     if "warmup" in args.sections and not args.no_warmup and hasattr(flexpbs, "warmup"):
         result["warmup_s"] = flexpbs.warmup(
-            HEADS, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEV, max_seq_len=args.max_seq_len, **options
+            HEADS,
+            KV_HEADS,
+            HEAD_DIM,
+            dtype=torch.bfloat16,
+            device=DEV,
+            max_seq_len=args.max_seq_len,
+            **options,
         )
         print(f"CUDA init {result['cuda_init_s']:.2f} s, then warmup: {result['warmup_s']:.2f} s", flush=True)
     q, k, v = synthetic_qkv(1, HEADS, KV_HEADS, args.draw, HEAD_DIM, device=DEV)
