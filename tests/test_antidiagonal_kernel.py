@@ -105,3 +105,21 @@ def test_strided_inputs_and_the_fake_kernel():
     meta_args = args | dict(bias=args["bias"].to("meta"))
     fake = triton_tile_scores(q.to("meta"), k.to("meta"), **meta_args)
     assert fake.shape == got.shape and fake.dtype == got.dtype
+
+
+@pytest.mark.parametrize(
+    "group, head_dim, stride, dtype",
+    [
+        (4, 128, 8, torch.bfloat16),
+        (4, 128, 16, torch.bfloat16),
+        (1, 64, 8, torch.float16),
+        (3, 128, 4, torch.float32),
+    ],
+)
+def test_production_tile_shapes(group, head_dim, stride, dtype):
+    # block 128: the tile shapes the GPU runs (several heads or query blocks per program, D in chunks)
+    gen = torch.Generator().manual_seed(group * stride)
+    q = (torch.randn(1, 2 * group, 1100, head_dim, generator=gen) * 3).to(dtype).to(DEVICE)
+    k = torch.randn(1, 2, 1100, head_dim, generator=gen).to(dtype).to(DEVICE)
+    args = _arguments(1100, 1100, 128, 256, stride, head_dim)
+    torch.testing.assert_close(triton_tile_scores(q, k, **args), tile_scores(q, k, **args), **TOL)
