@@ -222,11 +222,13 @@ def _folded_flex(
     """
     batch, q_heads = query.shape[:2]
     rows = batch * key_p.shape[1]
-    if rows == 1 and split_row_bytes(query.shape, key_p.shape, value_p.shape[-1], query.element_size()) <= (
+    if rows == 1 and split_cost_bytes(query.shape, key_p.shape, value_p.shape[-1], query.element_size()) <= (
         LIMITS.split_row_bytes
     ):
-        return _two_halves(query, key_p, value_p, lists, positions, block_size, scale, kernel_options,
-                           dynamic_table)  # fmt: skip
+        length = query.shape[2]
+        two_rows = _as_two_rows(query, key_p, value_p, lists, positions, block_size)
+        out = _folded_flex(*two_rows, block_size, scale, kernel_options, dynamic_table)
+        return torch.cat([out[0:1], out[1:2]], dim=2)[:, :, :length]
     group = q_heads // key_p.shape[1]
     q_f = _contiguous(query, (rows, group, *query.shape[2:]))
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
@@ -255,30 +257,27 @@ def _folded_flex(
     return out.view(batch, q_heads, *out.shape[2:])
 
 
-def split_row_bytes(q_shape: torch.Size, k_shape: torch.Size, value_dim: int, element_size: int) -> int:
-    """Extra bytes :func:`_two_halves` takes for a single row: copies of the query in halves and of the
-    key and value for two rows, and the output joined from its halves."""
+def split_cost_bytes(q_shape: torch.Size, k_shape: torch.Size, value_dim: int, element_size: int) -> int:
+    """Extra bytes a single row run as two takes (:func:`_as_two_rows`): copies of the query in halves
+    and of the key and value for two rows, and the output joined from its halves."""
     heads, n_queries, head_dim = q_shape[1:]
     kv_copies = 2 * k_shape[2] * (head_dim + value_dim)
     return element_size * (heads * n_queries * (head_dim + value_dim) + kv_copies)
 
 
-def _two_halves(
+def _as_two_rows(
     query: torch.Tensor,
     key_p: torch.Tensor,
     value_p: torch.Tensor,
     lists: tuple[torch.Tensor, ...],
     positions: torch.Tensor,
     block_size: int,
-    scale: float,
-    kernel_options: dict | None,
-    dynamic_table: bool,
-) -> torch.Tensor:
-    """:func:`_folded_flex` of a single permutation row (batch 1, one key head) as two rows, the two
-    halves of its query blocks over the same keys: a batch dimension of 1 would be a graph of its own
-    (0/1 specialisation), a second compile for one-KV-head models and head chunks. The second half's
-    original positions are shifted by the first half's length, so the causal test is unchanged.
-    Same arguments and result as :func:`_folded_flex` with ``B = Hp = 1``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """:func:`_folded_flex`'s inputs of a single permutation row (batch 1, one key head) as two rows,
+    the two halves of its query blocks over the same keys: a batch dimension of 1 would be a graph of
+    its own (0/1 specialisation), a second compile for one-KV-head models and head chunks. The second
+    half's original positions are shifted by the first half's length, so the causal test is unchanged.
+    The output's halves, joined along the length and cut to ``query``'s, are the row's output."""
     length = query.shape[2]
     half = max(2, cdiv(length // block_size, 2))  # query blocks per half, two at least (see above)
     extra = 2 * half * block_size - length
@@ -289,19 +288,13 @@ def _two_halves(
     def halves(x: torch.Tensor) -> torch.Tensor:  # [1, H, 2 * L, ...] -> [2, H, L, ...]
         return x.unflatten(2, (2, -1)).movedim(2, 0).flatten(0, 1)
 
-    shifted = torch.cat([positions, positions - half * block_size])
-    out = _folded_flex(
+    return (
         halves(query),
         key_p.expand(2, *key_p.shape[1:]),
         value_p.expand(2, *value_p.shape[1:]),
         tuple(halves(x) for x in lists),
-        shifted,
-        block_size,
-        scale,
-        kernel_options,
-        dynamic_table,
+        torch.cat([positions, positions - half * block_size]),
     )
-    return torch.cat([out[0:1], out[1:2]], dim=2)[:, :, :length]
 
 
 def _contiguous(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from flexpbs.config import PBSConfig
 from flexpbs.limits import LIMITS, override
 from flexpbs.pipeline import kv_heads_per_chunk, pbs_attention
-from flexpbs.sparse_attention import CPU_MIN_CAPACITY, split_row_bytes
+from flexpbs.sparse_attention import CPU_MIN_CAPACITY, split_cost_bytes
 
 # The longest prompt a CUDA warm-up prepares for by default.
 CUDA_LONGEST = 2**19
@@ -134,5 +134,6 @@ def _single_row_graph_needed(
             return False
     except ValueError:  # such a call is refused anyway
         return False
-    row = split_row_bytes((1, group, longest, head_dim), (1, 1, longest, head_dim), value_dim, dtype.itemsize)
-    return row > LIMITS.split_row_bytes
+    row_shape, key_shape = (1, group, longest, head_dim), (1, 1, longest, head_dim)
+    cost = split_cost_bytes(row_shape, key_shape, value_dim, dtype.itemsize)
+    return cost > LIMITS.split_row_bytes

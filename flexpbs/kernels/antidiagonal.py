@@ -1,18 +1,19 @@
 """Triton kernel for antidiagonal tile scores (PBS-Attn+).
 
 Computes what :func:`flexpbs.antidiagonal.tile_scores` defines without holding any strided logits in
-memory: one program per (batch, query head, query block) makes two passes over the block's candidate
-key blocks.
+memory. One program takes a KV head, the query heads of its group (with several query blocks when the
+group is small) and makes two passes over the candidate key blocks, a tile of several key blocks at a
+time (``TILE_ROWS`` x ``TILE_COLUMNS`` strided logits), so it streams those keys once per pass.
 
-1. For each strided row of the block, the running max and sum of ``exp2`` of its strided logits
-   (online softmax). A strided logit is one ``tl.dot`` of the row's S queries, concatenated in reverse
-   order, with a strided column's S keys, over the ``S * D`` concatenated features.
+1. For each strided row, the running max and sum of ``exp2`` of its strided logits (online softmax). A
+   tile's logits are S dot products, one per offset t of the antidiagonal, of the rows' queries at
+   S-1-t with the columns' keys at t.
 2. The logits again, as probabilities, summed over each key block's strided columns and averaged over
    the strided rows that hold a query: one score per (query block, key block), written to the output.
 
-Candidates are a prefix of the key blocks (the blocks of earlier segments), so each program loops over
-its own count of them; columns past it stay 0. Logits are in base 2 (``exp2``). This module imports
-Triton at the top; callers import it only when Triton is available.
+Candidates are a prefix of the key blocks (the blocks of earlier segments), so each program loops up to
+the largest count of its query blocks; columns past a block's own count stay 0. Logits are in base 2
+(``exp2``). This module imports Triton at the top; callers import it only when Triton is available.
 """
 
 from __future__ import annotations
@@ -33,29 +34,40 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _strided_logits(
+def _tile_logits(
+    j0,
+    kb,
+    h,
+    n_cand,
+    n_cand_max,
     q_rows_ptr,
     q_rows,
     row_ok,
     q_first,
     q_end,
     k_base,
-    k_rows,
-    col_ok,
     n_keys,
     stride_qn,
     stride_kn,
+    logit_scale,
+    BLOCK: tl.constexpr,
     S: tl.constexpr,
     D: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` unscaled strided logits: row m pairs aligned rows ``q_rows[m] + S-1-t``
-    (pointers ``q_rows_ptr[m]`` to aligned row 0 of its head) with keys ``k_rows[n] + t``, t < S, over
-    the D features. Rows outside ``[q_first, q_end)`` and keys past ``n_keys`` count as zeros."""
+    """``[BLOCK_M, BLOCK_N]`` base-2 strided logits of the tile of key blocks from ``j0``: row m pairs
+    aligned rows ``q_rows[m] + S-1-t`` (pointers ``q_rows_ptr[m]`` to aligned row 0 of its head) with
+    the keys ``j * BLOCK + h * S + t`` of column n (key block ``j = j0 + kb[n]``, strided column
+    ``h[n]``), t < S, over the D features. Rows outside ``[q_first, q_end)`` and keys past ``n_keys``
+    count as zeros; -inf where the column is not a candidate of the row's query block."""
+    j = j0 + kb
+    col_ok = (h < R) & (j < n_cand_max)
+    k_rows = j * BLOCK + h * S
     d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, S):
@@ -75,7 +87,8 @@ def _strided_logits(
             if UPCAST:
                 q, k = q.to(tl.float32), k.to(tl.float32)
             acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    return acc
+    valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
+    return tl.where(valid, acc * logit_scale, float("-inf"))
 
 
 @triton.jit(do_not_specialize=["n_keys", "lead", "first_block", "n_blocks"])
@@ -156,14 +169,10 @@ def _antidiagonal_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, n_cand_max, KB):
-        j = j0 + kb
-        col_ok = (h < R) & (j < n_cand_max)
-        s = _strided_logits(
-            q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, j * BLOCK + h * S, col_ok, n_keys,
-            stride_qn, stride_kn, S, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+        s = _tile_logits(
+            j0, kb, h, n_cand, n_cand_max, q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, n_keys,
+            stride_qn, stride_kn, logit_scale, BLOCK, S, D, R, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
-        s = tl.where(valid, s * logit_scale, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
@@ -185,14 +194,11 @@ def _antidiagonal_kernel(
     )
     kbs = tl.arange(0, KB)
     for j0 in range(0, n_cand_max, KB):
-        j = j0 + kb
-        col_ok = (h < R) & (j < n_cand_max)
-        s = _strided_logits(
-            q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, j * BLOCK + h * S, col_ok, n_keys,
-            stride_qn, stride_kn, S, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+        s = _tile_logits(
+            j0, kb, h, n_cand, n_cand_max, q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, n_keys,
+            stride_qn, stride_kn, logit_scale, BLOCK, S, D, R, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
-        p = tl.where(valid, tl.exp2(s * logit_scale - safe_max[:, None]), 0.0) * weight[:, None]
+        p = tl.exp2(s - safe_max[:, None]) * weight[:, None]  # exp2(-inf) = 0 off the candidates
         per_row = tl.sum(tl.reshape(p, (QB * HEADS, R_PAD, BLOCK_N)), 1)  # [QB * HEADS, BLOCK_N]
         per_tile = tl.sum(tl.reshape(per_row, (QB * HEADS, KB, R_PAD)), 2)  # [QB * HEADS, KB]
         jj = j0 + kbs
