@@ -6,7 +6,8 @@
 Per length, side by side on the same inputs: SDPA cuDNN, SDPA with its own default backend choice, SDPA
 FlashAttention-2 (K/V repeated to the query heads: it takes no GQA), flexpbs forced sparse
 (``min_seq_len=0``) on each backend, and flexpbs with its defaults (``backend="auto"``,
-``min_seq_len="auto"``). Prints a table, the break-even of each backend (the shortest measured length
+``min_seq_len="auto"``). Beyond ``--other-dense-up-to`` (128K) cuDNN is the only dense method timed.
+Prints a table, the break-even of each backend (the shortest measured length
 from which PBS beats cuDNN at every longer measured length: the value for ``flexpbs.dispatch.BREAK_EVEN``)
 and writes ``--json``. B=1, Hq=32, Hkv=8, D=128, bf16, the synthetic workload at threshold 0.9 (one
 131072-token draw: shorter lengths are its prefixes, longer ones repeat it); medians of CUDA-event
@@ -47,18 +48,28 @@ def fa2_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
         return cuda_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
 
 
-def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: float, backends: list[str]) -> dict:
+def measure(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    threshold: float,
+    backends: list[str],
+    other_dense: bool = True,
+) -> dict:
     """One row of the table: milliseconds of each method on ``q [1, 32, N, 128]``, ``k``/``v [1, 8, N, 128]``,
-    and flexpbs's densities and the path its defaults took."""
+    and flexpbs's densities and the path its defaults took. ``other_dense=False`` times cuDNN as the
+    only dense method (SDPA's default and FA2 are None)."""
     row: dict = {"n": q.shape[2]}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         row["cudnn"] = cuda_ms(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         )
-    row["sdpa_default"] = cuda_ms(
-        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    )
-    row["fa2"] = fa2_ms(q, k, v)
+    row["sdpa_default"] = row["fa2"] = None
+    if other_dense:
+        row["sdpa_default"] = cuda_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        )
+        row["fa2"] = fa2_ms(q, k, v)
     for backend in backends:
         options = dict(threshold=threshold, backend=backend, min_seq_len=0)
         _, stats = flexpbs.attention(q, k, v, return_stats=True, **options)
@@ -94,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ],
     )
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument(
+        "--other-dense-up-to",
+        type=int,
+        default=131072,
+        help="time SDPA's default choice and FA2 up to this length; longer ones time cuDNN alone "
+        "(each of their calls takes seconds there and they decide nothing)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and break-even lengths here")
 
 
@@ -103,7 +121,8 @@ def run(args: argparse.Namespace) -> None:
     draw = synthetic_qkv(1, 32, 8, 131072, 128, device="cuda")
     rows = []
     for n in args.lengths:
-        rows.append(measure(*(prefix(x, n) for x in draw), args.threshold, backends))
+        inputs = (prefix(x, n) for x in draw)
+        rows.append(measure(*inputs, args.threshold, backends, n <= args.other_dense_up_to))
         print(
             {key: round(val, 3) if isinstance(val, float) else val for key, val in rows[-1].items()},
             flush=True,
@@ -112,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
     print("\n| N | cuDNN ms | " + " | ".join(f"{c} (x cuDNN)" for c in cols) + " | density | defaults ran |")
     print("|---" * (len(cols) + 4) + "|")
     for r in rows:
-        cells = " | ".join(f"{r[c]:.2f} ({r['cudnn'] / r[c]:.2f}x)" for c in cols)
+        cells = " | ".join("-" if r[c] is None else f"{r[c]:.2f} ({r['cudnn'] / r[c]:.2f}x)" for c in cols)
         print(f"| {r['n']} | {r['cudnn']:.2f} | {cells} | {r['density_triton']:.3f} | {r['defaults_path']} |")
     result = {
         "rows": rows,
