@@ -15,7 +15,8 @@ host time included where a call is host-bound):
   the packed tokens with a document-causal mask (dense).
 
 flexpbs runs its sparse path at every length (``min_seq_len=0``) on ``--backend`` (Triton by default).
-Prints a table and writes ``--json``.
+Prints a table and writes ``--json``. ``--profile`` instead lists, per batch, the CUDA kernels of one
+varlen call and of the single calls, longest first (torch.profiler: kernel time only, no host time).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexpbs
 
+from .profile_call import kernel_events, per_call
 from .timing import cuda_ms
 from .workloads import synthetic_qkv
 
@@ -63,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="triton", choices=["triton", "flash", "auto"])
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="kernel tables instead of timings")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per table (--profile)")
 
 
 def packed(lengths: list[int]) -> tuple[torch.Tensor, ...]:
@@ -132,10 +136,34 @@ def measure(lengths: list[int], options: dict) -> dict:
     return row
 
 
+def profile_batch(lengths: list[int], options: dict, top: int) -> None:
+    """Prints the CUDA kernels of one varlen call and of the sequences' single calls, longest first."""
+    q, k, v, cu, sequences = packed(lengths)
+    longest = max(lengths)
+    calls = {
+        "varlen": lambda: flexpbs.varlen_attention(
+            q, k, v, cu, cu, max_seqlen_q=longest, max_seqlen_k=longest, **options
+        ),
+        "singles": lambda: [flexpbs.attention(*s, **options) for s in sequences],
+    }
+    for label, fn in calls.items():
+        events = kernel_events(fn, calls=2)
+        total, launches = per_call(events, 2)
+        print(f"\n{label}: {total:.2f} ms of CUDA kernels per call, {launches} launches\n")
+        print("| kernel | ms per call | launches per call |\n|---|---|---|")
+        for e in events[:top]:
+            print(f"| {e.key[:90]} | {e.device_time_total / 2 / 1e3:.3f} | {e.count // 2} |")
+
+
 @torch.no_grad()
 def run(args: argparse.Namespace) -> None:
     options = dict(threshold=args.threshold, min_seq_len=0, backend=args.backend)
     flexpbs.warmup(HEADS, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEV, **options)
+    if args.profile:
+        for name in args.batches:
+            print(f"\n== {name}: {BATCHES[name]}")
+            profile_batch(BATCHES[name], options, args.top)
+        return
     rows = {}
     for name in args.batches:
         rows[name] = measure(BATCHES[name], options)
