@@ -1,7 +1,7 @@
 """``python -m bench SUBCOMMAND [options]``: flexpbs's benchmark harness (run from the repository root).
 
-Most subcommands need a CUDA GPU; ``memory``, ``calibrate``, ``stages --count-ops``, ``quality`` and the
-``--cpu-smoke`` modes of ``stress`` and ``robustness`` run on the CPU.
+Most subcommands need a CUDA GPU; ``memory``, ``traffic``, ``calibrate``, ``stages --count-ops``,
+``quality`` and the ``--cpu-smoke`` modes of ``stress`` and ``robustness`` run on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "varlen": ("varlen", "GPU: a packed batch in one call against its sequences one by one, padding, dense"),
     "tp": ("tp", "GPUs (torchrun): one attention layer with its heads split over GPUs"),
     "memory": ("memory_model", "CPU: memory of each stage counted on the meta device, any length"),
+    "traffic": ("traffic", "CPU: bytes each stage moves (meta device), a packed batch against its singles"),
     "stress": ("stress", "random shapes against the reference, bounded in time (GPU, or --cpu-smoke)"),
     "robustness": (
         "robustness",

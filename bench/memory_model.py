@@ -144,7 +144,7 @@ class MemoryCensus(TorchDispatchMode):
         self.peak = self.current
 
 
-def _meta_flex_attention(
+def meta_flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -160,7 +160,7 @@ def _meta_flex_attention(
     return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
-def _meta_triton_importance(
+def meta_triton_importance(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
@@ -200,9 +200,9 @@ def census(
     v = torch.empty_like(k)
     importance_stand_in = contextlib.nullcontext()
     if importance == "triton":
-        importance_stand_in = mock.patch.object(flexpbs.pipeline, "key_importance", _meta_triton_importance)
+        importance_stand_in = mock.patch.object(flexpbs.pipeline, "key_importance", meta_triton_importance)
     with (
-        mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", _meta_flex_attention),
+        mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", meta_flex_attention),
         importance_stand_in,
         MemoryCensus([q, k, v]) as seen,
     ):

@@ -4,7 +4,7 @@
     python -m bench varlen --batches mixed --json bench_out/varlen.json
 
 Two batches (Hq=32, Hkv=8, D=128, bf16, the synthetic workload at threshold 0.9; each sequence a prefix of
-its own draw): ``mixed``, 8 sequences from 4K to 64K (about 256K tokens), and ``short``, 16 sequences of
+its own draw): ``mixed``, 8 sequences from 4K to 96K (256K tokens), and ``short``, 16 sequences of
 16K-24K. Side by side on the same tokens, medians of CUDA-event timings (:func:`bench.timing.cuda_ms`,
 host time included where a call is host-bound):
 

@@ -86,13 +86,13 @@ def varlen_attention(
     n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     n_queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     frame = frame_length(max_seqlen_k, cfg.block_size)
-    key_slot = _frame_slots(cu_seqlens_k, n_keys, key.shape[0], frame, torch.zeros_like(n_keys))
-    query_slot = _frame_slots(cu_seqlens_q, n_queries, query.shape[0], frame, n_keys - n_queries)
+    key_slots = _frame_slots(cu_seqlens_k, n_keys, key.shape[0], torch.zeros_like(n_keys))
+    query_slots = _frame_slots(cu_seqlens_q, n_queries, query.shape[0], n_keys - n_queries)
     batch = n_keys.shape[0]
-    q_frame = _to_frame(query, query_slot, batch, frame)
-    k_frame, v_frame = _to_frame(key, key_slot, batch, frame), _to_frame(value, key_slot, batch, frame)
+    q_frame = _to_frame(query, query_slots, batch, frame)
+    k_frame, v_frame = _to_frame(key, key_slots, batch, frame), _to_frame(value, key_slots, batch, frame)
     out, stats = frame_attention(q_frame, k_frame, v_frame, n_keys, n_queries, cfg, return_stats)
-    packed = out.permute(0, 2, 1, 3).reshape(batch * frame, *out.shape[1:2], out.shape[3])[query_slot]
+    packed = out.permute(0, 2, 1, 3)[query_slots]  # reads the query rows alone
     return (packed, stats) if return_stats else packed
 
 
@@ -177,22 +177,26 @@ def _empty_stats(
 
 
 def _frame_slots(
-    cu_seqlens: torch.Tensor, lengths: torch.Tensor, total: int, frame: int, start: torch.Tensor
-) -> torch.Tensor:
-    """``[total]`` int64: the flat frame slot (``b * L + position``) of each packed token, the tokens of
-    sequence b from position ``start[b]`` on; computed on the device (no host synchronisation)."""
+    cu_seqlens: torch.Tensor, lengths: torch.Tensor, total: int, start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([total], [total])`` int64: the frame row and position of each packed token, the tokens of
+    sequence b at positions from ``start[b]`` on; computed on the device (no host synchronisation)."""
     sequence = torch.repeat_interleave(
         torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=total
     )
     offset = torch.arange(total, device=lengths.device) - cu_seqlens[:-1].long()[sequence]
-    return sequence * frame + start[sequence] + offset
+    return sequence, start[sequence] + offset
 
 
-def _to_frame(packed: torch.Tensor, slots: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
-    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands."""
-    flat = packed.new_zeros(batch * frame, *packed.shape[1:])
-    flat[slots] = packed
-    return flat.view(batch, frame, *packed.shape[1:]).permute(0, 2, 1, 3).contiguous()
+def _to_frame(
+    packed: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], batch: int, frame: int
+) -> torch.Tensor:
+    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands. The tokens are
+    written straight into the frame's layout: a frame built as ``[B, L, H, D]`` would need a
+    transposing copy of the whole frame (most of its slots padding when lengths differ)."""
+    out = packed.new_zeros(batch, packed.shape[1], frame, packed.shape[2])
+    out.permute(0, 2, 1, 3)[slots] = packed
+    return out
 
 
 def _check_packed(
