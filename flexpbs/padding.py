@@ -14,7 +14,7 @@ import torch
 
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.lengths import frame_length
-from flexpbs.varlen import frame_attention
+from flexpbs.varlen import FrameShape, frame_attention
 
 
 def check_valid_keys(valid_keys: torch.Tensor, key: torch.Tensor) -> None:
@@ -84,17 +84,25 @@ def padded_attention(
     # keys: the real ones first, in order (a stable sort of the padding flags), at positions 0..L_b-1
     key_source = _pad_to(_real_first(valid), frame)
     key_rows = positions < n_keys[:, None]
-    k_frame, v_frame = (_gather_rows(x, key_source, key_rows) for x in (key, value))
     # queries: the real ones in order at positions L_b - M_b .. L_b - 1
     rank = positions - (n_keys - n_q)[:, None]
     query_rows = (rank >= 0) & (rank < n_q[:, None])
     query_source = _real_first(valid_q).gather(1, rank.clamp(0, max(n_queries - 1, 0)))
-    q_frame = _gather_rows(query, query_source, query_rows)
-    out_frame, stats = frame_attention(q_frame, k_frame, v_frame, n_keys, n_q, cfg, return_stats)
     # back to the padded rows: query i's frame row is L_b - M_b + (its rank among the real queries)
-    frame_row = (n_keys - n_q)[:, None] + valid_q.cumsum(-1) - 1
-    out = _gather_rows(out_frame, frame_row.clamp(0, frame - 1), valid_q)
-    return (out, stats) if return_stats else out
+    frame_row = ((n_keys - n_q)[:, None] + valid_q.cumsum(-1) - 1).clamp(0, frame - 1)
+
+    def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            _gather_rows(query[:, q_heads], query_source, query_rows),
+            _gather_rows(key[:, kv_heads], key_source, key_rows),
+            _gather_rows(value[:, kv_heads], key_source, key_rows),
+        )
+
+    def unframe(out: torch.Tensor) -> torch.Tensor:
+        return _gather_rows(out, frame_row, valid_q)
+
+    shape = FrameShape(query.shape[0], query.shape[1], key.shape[1], frame, query.shape[3], value.shape[3])
+    return frame_attention(frames, unframe, shape, query.dtype, n_keys, n_q, cfg, return_stats)
 
 
 def _real_first(valid: torch.Tensor) -> torch.Tensor:
@@ -111,4 +119,4 @@ def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``x [B, H, n, D]`` rows ``rows [B, m]`` -> ``[B, H, m, D]``, zeros where ``keep [B, m]`` is False."""
     index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-    return x.gather(2, index).masked_fill(~keep[:, None, :, None], 0)
+    return x.gather(2, index).masked_fill_(~keep[:, None, :, None], 0)  # in place: no second frame

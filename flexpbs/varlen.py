@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,7 +22,7 @@ from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dispatch import resolve
 from flexpbs.lengths import SequenceLengths, frame_length
 from flexpbs.permutation import identity_permutation
-from flexpbs.pipeline import pbs_attention
+from flexpbs.pipeline import kv_heads_per_chunk, pbs_attention
 from flexpbs.sparse_attention import check_block_size
 from flexpbs.tile_grid import cdiv, density
 from flexpbs.validation import FLOAT_DTYPES
@@ -89,37 +90,96 @@ def varlen_attention(
     key_slots = _frame_slots(cu_seqlens_k, n_keys, key.shape[0], torch.zeros_like(n_keys))
     query_slots = _frame_slots(cu_seqlens_q, n_queries, query.shape[0], n_keys - n_queries)
     batch = n_keys.shape[0]
-    q_frame = _to_frame(query, query_slots, batch, frame)
-    k_frame, v_frame = _to_frame(key, key_slots, batch, frame), _to_frame(value, key_slots, batch, frame)
-    out, stats = frame_attention(q_frame, k_frame, v_frame, n_keys, n_queries, cfg, return_stats)
-    packed = out.permute(0, 2, 1, 3)[query_slots]  # reads the query rows alone
-    return (packed, stats) if return_stats else packed
+
+    def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            _to_frame(query[:, q_heads], query_slots, batch, frame),
+            _to_frame(key[:, kv_heads], key_slots, batch, frame),
+            _to_frame(value[:, kv_heads], key_slots, batch, frame),
+        )
+
+    def unframe(out: torch.Tensor) -> torch.Tensor:  # reads the query rows alone
+        return out.permute(0, 2, 1, 3)[query_slots]
+
+    shape = FrameShape(batch, query.shape[1], key.shape[1], frame, query.shape[2], value.shape[2])
+    return frame_attention(frames, unframe, shape, query.dtype, n_keys, n_queries, cfg, return_stats)
+
+
+class FrameShape(NamedTuple):
+    """Sizes of a batch's frame: ``batch`` rows of ``frame`` positions, ``q_heads``/``kv_heads`` heads,
+    ``head_dim`` (queries and keys) and ``value_dim``."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    frame: int
+    head_dim: int
+    value_dim: int
 
 
 def frame_attention(
-    q_frame: torch.Tensor,
-    k_frame: torch.Tensor,
-    v_frame: torch.Tensor,
+    frames: Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    unframe: Callable[[torch.Tensor], torch.Tensor],
+    shape: FrameShape,
+    dtype: torch.dtype,
     n_keys: torch.Tensor,
     n_queries: torch.Tensor,
     cfg: PBSConfig,
     return_stats: bool,
-) -> tuple[torch.Tensor, list[PBSStats] | None]:
-    """The pipeline over a frame (``q_frame [B, Hq, L, D]``, ``k_frame``/``v_frame [B, Hkv, L, D]``,
-    zeros outside each sequence; ``n_keys``/``n_queries`` ``[B]`` int64), with ``cfg`` resolved.
+) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
+    """The pipeline over a batch laid out in frames, a few KV heads at a time, with ``cfg`` resolved.
+
+    The frames are built per head chunk (:func:`flexpbs.pipeline.kv_heads_per_chunk` of the whole
+    frame), so a chunk needs no copy of a head slice of a whole frame, and only one chunk's frames are
+    alive at a time.
+
+    Args:
+        frames: ``(query heads, KV heads) -> (q [B, h, L, D], k [B, hk, L, D], v [B, hk, L, Dv])``, the
+            frames of those heads, zeros outside each sequence.
+        unframe: the caller's output of one chunk, heads on dim 1, from its ``[B, h, L, Dv]`` frame
+            output (rows holding no query are unspecified).
+        shape: the whole frame's sizes; dtype: the inputs'.
+        n_keys, n_queries: ``[B]`` int64, each sequence's keys and queries.
 
     Returns:
-        ``(out [B, Hq, L, Dv], stats)``: rows of the frame that hold no query are unspecified;
-        ``stats``: one :class:`PBSStats` per sequence (reads the lengths on the host), or None.
+        The chunks' outputs joined on dim 1; with ``return_stats``, also one :class:`PBSStats` per
+        sequence (reads the lengths on the host).
     """
     dense = n_keys <= cfg.segment_size
     if cfg.min_seq_len is not None:
         dense |= n_keys < cfg.min_seq_len
     lengths = SequenceLengths(n_keys, n_queries, dense)
-    result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths)
+
+    def meta(heads: int, dim: int) -> torch.Tensor:  # the whole frame's size, no memory
+        return torch.empty(shape.batch, heads, shape.frame, dim, dtype=dtype, device="meta")
+
+    q, k = meta(shape.q_heads, shape.head_dim), meta(shape.kv_heads, shape.head_dim)
+    v = meta(shape.kv_heads, shape.value_dim)
+    per_chunk = kv_heads_per_chunk(q, k, v, cfg.block_size, cfg.gqa == "per_head")
+    group = shape.q_heads // shape.kv_heads
+    outs, parts = [], []
+    for k0 in range(0, shape.kv_heads, per_chunk):
+        q_frame, k_frame, v_frame = frames(
+            slice(k0 * group, (k0 + per_chunk) * group), slice(k0, k0 + per_chunk)
+        )
+        result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths, split_heads=False)
+        del q_frame, k_frame, v_frame
+        out, stats = result if return_stats else (result, None)
+        outs.append(unframe(out))
+        del out
+        parts.append(stats)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if not return_stats:
-        return result, None
-    out, stats = result
+        return out
+    stats = parts[0]
+    if len(parts) > 1:
+        stats = dataclasses.replace(
+            stats,
+            tiles=torch.cat([s.tiles for s in parts], dim=1),
+            key_positions=torch.cat([s.key_positions for s in parts], dim=1),
+            density=torch.cat([s.density for s in parts], dim=1),
+            sorted_rows=torch.cat([s.sorted_rows for s in parts], dim=1),
+        )
     return out, _sequence_stats(stats, lengths, cfg)
 
 

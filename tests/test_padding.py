@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexpbs
+from flexpbs.limits import override
 from tests.helpers import Case, make_qkv, sdpa_causal
 from tests.test_attention import FP32_ATOL
 
@@ -146,3 +147,19 @@ def test_bad_valid_keys_raise_naming_the_argument(valid_keys, error, match):
     q, k, v = make_qkv(Case(3, 1, 1, 520, 16, 64, 128, seed=0))
     with pytest.raises(error, match=match):
         flexpbs.attention(q, k, v, valid_keys=valid_keys)
+
+
+def test_head_chunks_give_what_one_pass_gives():
+    # no memory budget: one KV head per chunk, each chunk's frames gathered on their own
+    q, k, v = make_qkv(CASE)
+    valid = torch.ones(CASE.batch, CASE.seq_len, dtype=torch.bool)
+    valid[0, :100] = False
+    valid[1, 400:] = False
+    options = dict(block_size=64, segment_size=128, threshold=0.7)
+    want, want_stats = flexpbs.attention(q, k, v, valid_keys=valid, return_stats=True, **options)
+    with override(min_chunk_bytes=0, chunk_share=0.0):
+        got, got_stats = flexpbs.attention(q, k, v, valid_keys=valid, return_stats=True, **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+    for got_b, want_b in zip(got_stats, want_stats, strict=True):
+        assert torch.equal(got_b.tiles, want_b.tiles)
+        assert torch.equal(got_b.key_positions, want_b.key_positions)

@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 import flexpbs
 from flexpbs import PBSConfig, reference
+from flexpbs.limits import override
 from tests.helpers import sdpa_causal
 from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
 
@@ -195,3 +196,21 @@ def test_the_triton_importance_kernel_takes_the_frame():
         assert torch.equal(got.key_positions, want.key_positions) and torch.equal(got.tiles, want.tiles)
     assert [s.importance_kernel for s in stats_t[:2]] == ["triton", "triton"]
     torch.testing.assert_close(out_t, out_p, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(gqa="per_head", max_shrink=0.1)])
+def test_head_chunks_give_what_one_pass_gives(mode):
+    # no memory budget: one KV head per chunk, each chunk's frames built on their own
+    lengths = [(700, 700), (257, 600), (50, 150), (0, 300)]
+    q, k, v, cu_q, cu_k, _ = packed_batch(lengths, seed=7)
+    cfg = PBSConfig(block_size=64, segment_size=128, threshold=0.7, **mode)
+    want, want_stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, config=cfg, return_stats=True)
+    with override(min_chunk_bytes=0, chunk_share=0.0):
+        got, got_stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, config=cfg, return_stats=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+    for got_b, want_b in zip(got_stats, want_stats, strict=True):
+        assert torch.equal(got_b.tiles, want_b.tiles)
+        assert torch.equal(got_b.key_positions, want_b.key_positions)
+        assert torch.equal(got_b.density, want_b.density)
+        if want_b.sorted_rows is not None:
+            assert torch.equal(got_b.sorted_rows, want_b.sorted_rows)
