@@ -172,6 +172,10 @@ def run(args: argparse.Namespace) -> None:
             {key: round(val, 3) if isinstance(val, float) else val for key, val in rows[name].items()},
             flush=True,
         )
+        if args.json:  # after every batch: a run stopped early keeps what it measured
+            result = {"options": options, "rows": rows, "device": torch.cuda.get_device_name()}
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
     print(
         "\n| batch | tokens | density | varlen ms | singles ms | singles / varlen | padded ms "
         "| SDPA cuDNN ms | flex document ms |"
@@ -183,6 +187,3 @@ def run(args: argparse.Namespace) -> None:
             f"{r['singles'] / r['varlen']:.2f}x | {r['padded']:.2f} | {r['cudnn']:.2f} "
             f"| {r['flex_document']:.2f} |"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"options": options, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)

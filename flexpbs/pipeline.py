@@ -34,14 +34,14 @@ def pbs_attention(
     cfg: PBSConfig,
     return_stats: bool,
     lengths: SequenceLengths | None = None,
-    split_heads: bool = True,
+    chunk_heads: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, PBSStats]:
     """The pipeline on validated inputs, eagerly; Nq <= N; ``cfg`` resolved (:mod:`flexpbs.dispatch`).
 
     With ``lengths`` the inputs are a frame of sequences of different lengths (:mod:`flexpbs.lengths`:
     ``query [B, Hq, L, D]``, ``key``/``value [B, Hkv, L, D]``): every sequence runs in the same calls,
     short ones with all their causal tiles, and the stats (``dense=False``) cover the whole frame.
-    ``split_heads=False``: every head in one pass (the caller chose the heads, as
+    ``chunk_heads=False``: every head in one pass (the caller chose the heads, as
     :func:`flexpbs.varlen.frame_attention` does)."""
     # Inference only: inputs that require grad (under no_grad or inference_mode) must not reach
     # FlexAttention, whose CPU kernel refuses them whatever the grad mode.
@@ -59,7 +59,7 @@ def pbs_attention(
         return out, _dense_stats(batch, q_heads, perm_heads, n_queries, n_keys, cfg.block_size, query.device)
 
     heads_per_chunk = kv_heads
-    if split_heads:
+    if chunk_heads:
         heads_per_chunk = kv_heads_per_chunk(query, key, value, cfg.block_size, cfg.gqa == "per_head")
     if heads_per_chunk == kv_heads:
         out, tiles, perm, sorted_rows = _pbs_heads(query, key, value, cfg, kernel, softmax_scale, lengths)

@@ -162,7 +162,7 @@ def frame_attention(
         q_frame, k_frame, v_frame = frames(
             slice(k0 * group, (k0 + per_chunk) * group), slice(k0, k0 + per_chunk)
         )
-        result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths, split_heads=False)
+        result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths, chunk_heads=False)
         del q_frame, k_frame, v_frame
         out, stats = result if return_stats else (result, None)
         outs.append(unframe(out))
