@@ -11,7 +11,8 @@ tensors with bench/memory_model.py's stand-ins for compiled FlexAttention and th
 its tensor inputs and outputs: an estimate that takes every input as read once and every output as
 written once (views move nothing; gathers, scatters and indexing count only the elements they pick; an
 in-place operator's output is its input). Bytes are grouped by pipeline stage; "outside" is what the
-call does around them (for a packed batch: building the frame, head chunks, the output's unpacking).
+call does around them (for a packed batch: building the frames, the output's unpacking). For the packed
+call it also prints the peak memory beyond q/k/v (bench/memory_model.py's census).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import flexpbs
 import flexpbs.pipeline
 import flexpbs.sparse_attention
 
-from .memory_model import STAGES, meta_flex_attention, meta_triton_importance
+from .memory_model import STAGES, MemoryCensus, meta_flex_attention, meta_triton_importance
 from .varlen import BATCHES
 
 # Operators that move no data (views, metadata) or allocate without writing.
@@ -57,6 +58,7 @@ class Traffic(TorchDispatchMode):
         super().__init__()
         self.stage = ["outside"]
         self.bytes: collections.Counter = collections.Counter()
+        self.peak_bytes: int | None = None  # peak memory beyond the inputs, where counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,8 +123,9 @@ def batch_traffic(lengths: list[int], heads: int, kv_heads: int, head_dim: int) 
     k, v = (torch.empty(total, kv_heads, head_dim, **meta) for _ in range(2))
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to("meta")
     result = {}
-    with counted() as result["varlen"]:
+    with counted() as result["varlen"], MemoryCensus([q, k, v, cu]) as census:
         flexpbs.varlen_attention(q, k, v, cu, cu, max_seqlen_q=longest, max_seqlen_k=longest, **options)
+    result["varlen"].peak_bytes = census.peak
     with counted() as result["singles"]:
         for n in lengths:
             qs = torch.empty(1, heads, n, head_dim, **meta)
@@ -141,9 +144,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n== {name}: {len(BATCHES[name])} sequences, {sum(BATCHES[name])} tokens, GB moved")
         for label, traffic in batch_traffic(BATCHES[name], 32, 8, 128).items():
             stages = per_stage(traffic)
-            print(
-                f"{label}: {sum(stages.values()):.1f} GB;",
-                ", ".join(f"{s} {gb:.1f}" for s, gb in stages.items()),
+            listed = ", ".join(f"{stage} {gb:.1f}" for stage, gb in stages.items())
+            peak = (
+                ""
+                if traffic.peak_bytes is None
+                else f", peak memory beyond q/k/v {traffic.peak_bytes / 1e9:.1f} GB"
             )
+            print(f"{label}: {sum(stages.values()):.1f} GB{peak}; {listed}")
             top = ", ".join(f"{s}/{op} {b / 1e9:.1f}" for (s, op), b in traffic.bytes.most_common(args.top))
             print(f"  largest: {top}")

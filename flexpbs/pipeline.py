@@ -204,14 +204,25 @@ def _pbs_heads(
 
 
 def kv_heads_per_chunk(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, per_query_head: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    per_query_head: bool,
+    frames_built_per_chunk: bool = False,
 ) -> int:
     """KV heads the pipeline processes together: all of them, unless the extra memory they need
     (gathered K/V, tile tables and BlockMask index lists, a chunk's output) would exceed
     ``max(LIMITS.min_chunk_bytes, LIMITS.chunk_share x the q/k/v bytes)`` (:mod:`flexpbs.limits`), or
     the chunk's tile table would reach ``LIMITS.max_table_tiles`` (the kernel may index it with int32);
     then the largest divisor of Hkv that fits both (one KV head at least, if only the memory budget is
-    exceeded)."""
+    exceeded).
+
+    ``frames_built_per_chunk``: q/k/v are the frames of a batch (:func:`flexpbs.varlen.frame_attention`),
+    built one chunk at a time rather than whole: a chunk's frames count in its memory, and the budget
+    grows by half the whole frames' bytes, so fewer, larger chunks run while the peak stays below that
+    of whole frames with one-head chunks (``python -m bench traffic``'s batches: 18.1 and 11.0 GB
+    beyond q/k/v, 24.7 and 14.0 GB with whole frames at 502ea5e)."""
     batch, q_heads, n_queries, _ = query.shape
     kv_heads, group, n_keys = key.shape[1], q_heads // key.shape[1], key.shape[2]
     n_blocks = cdiv(n_keys, block_size)
@@ -232,6 +243,9 @@ def kv_heads_per_chunk(
     if kv_heads * (kv_copy + tables) <= budget and kv_heads * tiles_per_kv_head < LIMITS.max_table_tiles:
         return kv_heads
     per_head = kv_copy + tables + out_chunk
+    if frames_built_per_chunk:
+        per_head += inputs // kv_heads
+        budget += inputs // 2
     fits = [
         d
         for d in range(1, kv_heads + 1)

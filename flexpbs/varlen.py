@@ -130,8 +130,8 @@ def frame_attention(
     """The pipeline over a batch laid out in frames, a few KV heads at a time, with ``cfg`` resolved.
 
     The frames are built per head chunk (:func:`flexpbs.pipeline.kv_heads_per_chunk` of the whole
-    frame), so a chunk needs no copy of a head slice of a whole frame, and only one chunk's frames are
-    alive at a time.
+    frames, built per chunk), so a chunk needs no copy of a head slice of a whole frame, and only one
+    chunk's frames are alive at a time.
 
     Args:
         frames: ``(query heads, KV heads) -> (q [B, h, L, D], k [B, hk, L, D], v [B, hk, L, Dv])``, the
@@ -155,7 +155,8 @@ def frame_attention(
 
     q, k = meta(shape.q_heads, shape.head_dim), meta(shape.kv_heads, shape.head_dim)
     v = meta(shape.kv_heads, shape.value_dim)
-    per_chunk = kv_heads_per_chunk(q, k, v, cfg.block_size, cfg.gqa == "per_head")
+    per_query_head = cfg.gqa == "per_head"
+    per_chunk = kv_heads_per_chunk(q, k, v, cfg.block_size, per_query_head, frames_built_per_chunk=True)
     group = shape.q_heads // shape.kv_heads
     outs, parts = [], []
     for k0 in range(0, shape.kv_heads, per_chunk):
