@@ -173,6 +173,12 @@ def section_hf(prompts: int, low: int, high: int, layers: int, options: dict) ->
     second = seconds_with("flexpbs")
     seconds_with("sdpa")
     sdpa = seconds_with("sdpa")
+    pbs_calls = pbs.calls["pbs"]
+    # untimed: a random model's attention is nearly uniform, so PBS keeps most tiles (stats cost time)
+    densities: list[torch.Tensor] = []
+    pbs.on_stats = lambda layer, stats: densities.append(stats.density.mean())
+    seconds_with("flexpbs")
+    pbs.on_stats = None
     result = dict(
         prompts=lengths,
         layers=layers,
@@ -180,7 +186,8 @@ def section_hf(prompts: int, low: int, high: int, layers: int, options: dict) ->
         second_pass_s=second,
         sdpa_s=sdpa,
         compiles=compiles,
-        pbs_calls=pbs.calls["pbs"],
+        pbs_calls=pbs_calls,
+        mean_density=torch.stack(densities).mean().item() if densities else None,
         backends=dict(getattr(pbs, "backends", {})),
     )
     print(result, flush=True)
