@@ -254,6 +254,28 @@ def kv_heads_per_chunk(
     return max(fits, default=1)
 
 
+def kv_heads_per_chunk_of_size(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    length: int,
+    head_dim: int,
+    value_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    per_query_head: bool,
+    frames_built_per_chunk: bool = False,
+) -> int:
+    """:func:`kv_heads_per_chunk` of inputs of these sizes (as many queries as keys, ``length``),
+    asked without memory (meta tensors)."""
+
+    def meta(heads: int, dim: int) -> torch.Tensor:
+        return torch.empty(batch, heads, length, dim, dtype=dtype, device="meta")
+
+    q, k, v = meta(q_heads, head_dim), meta(kv_heads, head_dim), meta(kv_heads, value_dim)
+    return kv_heads_per_chunk(q, k, v, block_size, per_query_head, frames_built_per_chunk)
+
+
 def _dense_stats(
     batch: int,
     q_heads: int,

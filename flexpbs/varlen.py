@@ -22,7 +22,7 @@ from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dispatch import resolve
 from flexpbs.lengths import SequenceLengths, frame_length
 from flexpbs.permutation import identity_permutation
-from flexpbs.pipeline import kv_heads_per_chunk, pbs_attention
+from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
 from flexpbs.sparse_attention import check_block_size
 from flexpbs.tile_grid import cdiv, density
 from flexpbs.validation import FLOAT_DTYPES
@@ -149,14 +149,10 @@ def frame_attention(
     if cfg.min_seq_len is not None:
         dense |= n_keys < cfg.min_seq_len
     lengths = SequenceLengths(n_keys, n_queries, dense)
-
-    def meta(heads: int, dim: int) -> torch.Tensor:  # the whole frame's size, no memory
-        return torch.empty(shape.batch, heads, shape.frame, dim, dtype=dtype, device="meta")
-
-    q, k = meta(shape.q_heads, shape.head_dim), meta(shape.kv_heads, shape.head_dim)
-    v = meta(shape.kv_heads, shape.value_dim)
     per_query_head = cfg.gqa == "per_head"
-    per_chunk = kv_heads_per_chunk(q, k, v, cfg.block_size, per_query_head, frames_built_per_chunk=True)
+    per_chunk = kv_heads_per_chunk_of_size(
+        *shape, dtype, cfg.block_size, per_query_head, frames_built_per_chunk=True
+    )
     group = shape.q_heads // shape.kv_heads
     outs, parts = [], []
     for k0 in range(0, shape.kv_heads, per_chunk):

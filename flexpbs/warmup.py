@@ -23,7 +23,7 @@ import torch
 
 from flexpbs.config import PBSConfig
 from flexpbs.limits import LIMITS, override
-from flexpbs.pipeline import kv_heads_per_chunk, pbs_attention
+from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY, split_cost_bytes
 
 # The longest prompt a CUDA warm-up prepares for by default.
@@ -127,10 +127,9 @@ def _single_row_graph_needed(
     group = query_heads // kv_heads
     if batch > 1 or (per_head and group > 1):
         return False
-    shapes = ((query_heads, head_dim), (kv_heads, head_dim), (kv_heads, value_dim))
-    q, k, v = (torch.empty(1, h, longest, d, dtype=dtype, device="meta") for h, d in shapes)
+    sizes = (1, query_heads, kv_heads, longest, head_dim, value_dim, dtype, cfg.block_size, per_head)
     try:
-        if kv_heads_per_chunk(q, k, v, cfg.block_size, per_head) > 1:
+        if kv_heads_per_chunk_of_size(*sizes) > 1:
             return False
     except ValueError:  # such a call is refused anyway
         return False
