@@ -221,7 +221,7 @@ def kv_heads_per_chunk(
     ``frames_built_per_chunk``: q/k/v are the frames of a batch (:func:`flexpbs.varlen.frame_attention`),
     built one chunk at a time rather than whole: a chunk's frames count in its memory, and the budget
     grows by half the whole frames' bytes, so fewer, larger chunks run while the peak stays below that
-    of whole frames with one-head chunks (``python -m bench traffic``'s batches: 18.1 and 11.0 GB
+    of whole frames with one-head chunks (``python -m bench traffic``'s batches: 9.7 and 6.2 GB
     beyond q/k/v, 24.7 and 14.0 GB with whole frames at 502ea5e)."""
     batch, q_heads, n_queries, _ = query.shape
     kv_heads, group, n_keys = key.shape[1], q_heads // key.shape[1], key.shape[2]
