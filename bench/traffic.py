@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 import flexpbs
 import flexpbs.pipeline
 import flexpbs.sparse_attention
+from flexpbs.varlen import frame_groups
 
 from .memory_model import STAGES, MemoryCensus, meta_flex_attention, meta_triton_importance
 from .varlen import BATCHES
@@ -123,8 +124,22 @@ def batch_traffic(lengths: list[int], heads: int, kv_heads: int, head_dim: int) 
     k, v = (torch.empty(total, kv_heads, head_dim, **meta) for _ in range(2))
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to("meta")
     result = {}
-    with counted() as result["varlen"], MemoryCensus([q, k, v, cu]) as census:
+    with counted() as result["varlen_one_frame"], MemoryCensus([q, k, v, cu]) as census:
         flexpbs.varlen_attention(q, k, v, cu, cu, max_seqlen_q=longest, max_seqlen_k=longest, **options)
+    result["varlen_one_frame"].peak_bytes = census.peak
+    # offsets read: a call per frame group (meta offsets cannot be read; the gathers of each group's
+    # tokens are left out)
+    with counted() as result["varlen"], MemoryCensus([q, k, v, cu]) as census:
+        for group in frame_groups(lengths):
+            sizes = [lengths[b] for b in group]
+            n = sum(sizes)
+            qg = torch.empty(n, heads, head_dim, **meta)
+            kg, vg = (torch.empty(n, kv_heads, head_dim, **meta) for _ in range(2))
+            cug = torch.tensor([0, *sizes]).cumsum(0).to(torch.int32).to("meta")
+            flexpbs.varlen_attention(
+                qg, kg, vg, cug, cug, max_seqlen_q=max(sizes), max_seqlen_k=max(sizes), **options
+            )
+            del qg, kg, vg
     result["varlen"].peak_bytes = census.peak
     with counted() as result["singles"]:
         for n in lengths:

@@ -8,7 +8,10 @@ its own draw): ``mixed``, 8 sequences from 4K to 96K (256K tokens), and ``short`
 16K-24K. Side by side on the same tokens, medians of CUDA-event timings (:func:`bench.timing.cuda_ms`,
 host time included where a call is host-bound):
 
-- ``varlen``: ``flexpbs.varlen_attention`` with the maxima given (no host synchronisation);
+- ``varlen``: ``flexpbs.varlen_attention`` reading the offsets (the sequences in frames of similar
+  length, :func:`flexpbs.varlen.frame_groups`);
+- ``varlen_one_frame``: the same with the maxima given (no host synchronisation, CUDA-graph capturable:
+  one frame as long as the longest sequence);
 - ``singles``: ``flexpbs.attention`` on each sequence, one after the other (their sum);
 - ``padded``: ``flexpbs.attention`` on the batch right-padded to its longest sequence, ``valid_keys``;
 - ``cudnn``: SDPA cuDNN per sequence (summed); ``flex_document``: one compiled FlexAttention call over
@@ -112,7 +115,8 @@ def measure(lengths: list[int], options: dict) -> dict:
     longest, total = max(lengths), sum(lengths)
     row: dict = {"lengths": lengths, "tokens": total}
     maxima = dict(max_seqlen_q=longest, max_seqlen_k=longest)
-    row["varlen"] = cuda_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, **options))
+    row["varlen"] = cuda_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options))
+    row["varlen_one_frame"] = cuda_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, **options))
 
     def singles():
         for s in sequences:
@@ -131,7 +135,7 @@ def measure(lengths: list[int], options: dict) -> dict:
     document_flex = torch.compile(flex_attention, dynamic=False)
     qd, kd, vd = (x.transpose(0, 1)[None] for x in (q, k, v))
     row["flex_document"] = cuda_ms(lambda: document_flex(qd, kd, vd, block_mask=mask, enable_gqa=True))
-    _, stats = flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, return_stats=True, **options)
+    _, stats = flexpbs.varlen_attention(q, k, v, cu, cu, return_stats=True, **options)
     row["density"] = sum(s.density.mean().item() * n for s, n in zip(stats, lengths, strict=True)) / total
     return row
 
@@ -141,7 +145,8 @@ def profile_batch(lengths: list[int], options: dict, top: int) -> None:
     q, k, v, cu, sequences = packed(lengths)
     longest = max(lengths)
     calls = {
-        "varlen": lambda: flexpbs.varlen_attention(
+        "varlen": lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options),
+        "varlen_one_frame": lambda: flexpbs.varlen_attention(
             q, k, v, cu, cu, max_seqlen_q=longest, max_seqlen_k=longest, **options
         ),
         "singles": lambda: [flexpbs.attention(*s, **options) for s in sequences],
@@ -177,13 +182,14 @@ def run(args: argparse.Namespace) -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
     print(
-        "\n| batch | tokens | density | varlen ms | singles ms | singles / varlen | padded ms "
+        "\n| batch | tokens | density | varlen ms | singles ms | singles / varlen | one frame ms | padded ms "
         "| SDPA cuDNN ms | flex document ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
             f"| {name} | {r['tokens']} | {r['density']:.3f} | {r['varlen']:.2f} | {r['singles']:.2f} | "
-            f"{r['singles'] / r['varlen']:.2f}x | {r['padded']:.2f} | {r['cudnn']:.2f} "
+            f"{r['singles'] / r['varlen']:.2f}x | {r['varlen_one_frame']:.2f} | {r['padded']:.2f} "
+            f"| {r['cudnn']:.2f} "
             f"| {r['flex_document']:.2f} |"
         )

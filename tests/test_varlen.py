@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 import flexpbs
 from flexpbs import PBSConfig, reference
 from flexpbs.limits import override
+from flexpbs.varlen import frame_groups
 from tests.helpers import sdpa_causal
 from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
 
@@ -68,11 +69,13 @@ def batches(draw):
             dict(estimator="antidiagonal", antidiagonal_stride=4, gqa="per_head", max_shrink=0.1),
         ]
     ),
+    frames=st.sampled_from([{}, dict(frame_short_keys=0)]),  # one frame, or grouped by length
 )
-def test_each_sequence_gets_what_a_call_on_it_alone_gives(lengths, seed, threshold, mode):
+def test_each_sequence_gets_what_a_call_on_it_alone_gives(lengths, seed, threshold, mode, frames):
     cfg = PBSConfig(block_size=64, segment_size=128, threshold=threshold, **mode)
     q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed)
-    out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, config=cfg, return_stats=True)
+    with override(**frames):
+        out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, config=cfg, return_stats=True)
     assert out.shape == (q.shape[0], HQ, D) and len(stats) == len(lengths)
     for b, (q_b, k_b, v_b) in enumerate(sequences):
         alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, config=cfg, return_stats=True)
@@ -107,6 +110,35 @@ def test_threshold_one_is_dense_bottom_right_causal_per_sequence(dtype, atol):
             torch.testing.assert_close(
                 unpack(out, cu_q, b).float(), sdpa_causal(q_b, k_b, v_b), rtol=0, atol=atol
             )
+
+
+def test_frame_groups_put_sequences_of_similar_length_together():
+    mixed = [4096, 8192, 12288, 16384, 24576, 32768, 65536, 98304]
+    groups = frame_groups(mixed)
+    assert [[mixed[b] for b in g] for g in groups] == [
+        [98304],
+        [65536],
+        [32768, 24576],
+        [16384, 12288, 8192, 4096],  # short sequences share a frame whatever their lengths
+    ]
+    with override(frame_short_keys=0):
+        assert frame_groups([100, 700, 650, 300, 0]) == [[1, 2], [3], [0], [4]]
+    with override(frame_share=0.0):  # one frame
+        assert frame_groups(mixed) == [[7, 6, 5, 4, 3, 2, 1, 0]]
+
+
+def test_grouped_frames_give_what_one_frame_gives():
+    lengths = [(700, 700), (257, 600), (50, 150), (0, 300), (1, 129), (640, 640)]
+    q, k, v, cu_q, cu_k, _ = packed_batch(lengths, seed=9)
+    options = dict(block_size=64, segment_size=128, threshold=0.6, return_stats=True)
+    one, one_stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **options)
+    with override(frame_short_keys=0):
+        assert frame_groups([n for _, n in lengths]) == [[0, 5, 1], [3], [2, 4]]
+        got, got_stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **options)
+    torch.testing.assert_close(got, one, rtol=0, atol=FP32_ATOL)
+    for a, b in zip(got_stats, one_stats, strict=True):
+        assert a.dense == b.dense and torch.equal(a.tiles, b.tiles)
+        assert torch.equal(a.key_positions, b.key_positions)
 
 
 def test_given_maxima_give_the_same_result_without_reading_the_offsets():
