@@ -59,6 +59,7 @@ class Traffic(TorchDispatchMode):
         super().__init__()
         self.stage = ["outside"]
         self.bytes: collections.Counter = collections.Counter()
+        self.operators = 0  # operators that move data: about the kernels a GPU call launches
         self.peak_bytes: int | None = None  # peak memory beyond the inputs, where counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -78,6 +79,7 @@ class Traffic(TorchDispatchMode):
         else:
             moved = _nbytes((args, kwargs)) + (0 if name.endswith("_") else _nbytes(out))
         self.bytes[(self.stage[-1], name)] += moved
+        self.operators += 1
         return out
 
 
@@ -165,6 +167,6 @@ def run(args: argparse.Namespace) -> None:
                 if traffic.peak_bytes is None
                 else f", peak memory beyond q/k/v {traffic.peak_bytes / 1e9:.1f} GB"
             )
-            print(f"{label}: {sum(stages.values()):.1f} GB{peak}; {listed}")
+            print(f"{label}: {sum(stages.values()):.1f} GB, {traffic.operators} operators{peak}; {listed}")
             top = ", ".join(f"{s}/{op} {b / 1e9:.1f}" for (s, op), b in traffic.bytes.most_common(args.top))
             print(f"  largest: {top}")

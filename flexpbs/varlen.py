@@ -128,7 +128,7 @@ def _grouped(
     cfg: PBSConfig,
     return_stats: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
-    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), on their tokens gathered."""
+    """:func:`_one_frame` per group of sequences (:func:`frame_groups`)."""
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
     stats: list[PBSStats | None] = [None] * len(offsets.n_keys)
     for group in groups:
@@ -143,9 +143,7 @@ def _grouped(
             for sizes in (offsets.n_queries, offsets.n_keys)
         )
         max_k = max(offsets.n_keys[b] for b in group)
-        result = _one_frame(
-            query[q_index], key[k_index], value[k_index], cu_q, cu_k, max_k, cfg, return_stats
-        )
+        result = _one_frame(query, key, value, cu_q, cu_k, max_k, cfg, return_stats, (q_index, k_index))
         out_group, stats_group = result if return_stats else (result, [])
         out[q_index] = out_group
         for b, s in zip(group, stats_group, strict=False):
@@ -162,23 +160,32 @@ def _one_frame(
     max_seqlen_k: int,
     cfg: PBSConfig,
     return_stats: bool,
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
-    """The batch in one frame of ``max_seqlen_k`` positions (rounded up to whole blocks)."""
-    if query.shape[0] == 0:  # no query in the batch
+    """The sequences of ``cu_seqlens_q/k`` in one frame of ``max_seqlen_k`` positions (rounded up to
+    whole blocks). ``tokens``: ``(q_index, k_index)`` int64, their rows of the packed tensors (a group of
+    a batch, gathered a head chunk at a time); None: every row, in order."""
+    q_index, k_index = tokens or (None, None)
+    total_q = query.shape[0] if q_index is None else q_index.shape[0]
+    total_k = key.shape[0] if k_index is None else k_index.shape[0]
+    if total_q == 0:  # no query in the batch
         empty = query.new_zeros(0, query.shape[1], value.shape[2])
         return (empty, _empty_stats(cu_seqlens_k, query, key, cfg)) if return_stats else empty
     n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     n_queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     frame = frame_length(max_seqlen_k, cfg.block_size)
-    key_slots = _frame_slots(cu_seqlens_k, n_keys, key.shape[0], torch.zeros_like(n_keys))
-    query_slots = _frame_slots(cu_seqlens_q, n_queries, query.shape[0], n_keys - n_queries)
+    key_slots = _frame_slots(cu_seqlens_k, n_keys, total_k, torch.zeros_like(n_keys))
+    query_slots = _frame_slots(cu_seqlens_q, n_queries, total_q, n_keys - n_queries)
     batch = n_keys.shape[0]
+
+    def rows(x: torch.Tensor, index: torch.Tensor | None, heads: slice) -> torch.Tensor:
+        return x[:, heads] if index is None else x[index, heads]
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
-            _to_frame(query[:, q_heads], query_slots, batch, frame),
-            _to_frame(key[:, kv_heads], key_slots, batch, frame),
-            _to_frame(value[:, kv_heads], key_slots, batch, frame),
+            _to_frame(rows(query, q_index, q_heads), query_slots, batch, frame),
+            _to_frame(rows(key, k_index, kv_heads), key_slots, batch, frame),
+            _to_frame(rows(value, k_index, kv_heads), key_slots, batch, frame),
         )
 
     def unframe(out: torch.Tensor) -> torch.Tensor:  # reads the query rows alone
