@@ -216,8 +216,7 @@ def kv_heads_per_chunk(
     ``max(LIMITS.min_chunk_bytes, LIMITS.chunk_share x the q/k/v bytes)`` (:mod:`flexpbs.limits`), or
     the chunk's tile table would reach ``LIMITS.max_table_tiles`` (the kernel may index it with int32);
     then the largest divisor of Hkv that fits both (one KV head at least, if only the memory budget is
-    exceeded; two or more when a one-head chunk would be a single permutation row, at batch 1, which
-    FlexAttention would run as a graph of its own or split in two rows at about the same memory).
+    exceeded).
 
     ``frames_built_per_chunk``: q/k/v are the frames of a batch (:func:`flexpbs.varlen.frame_attention`),
     built one chunk at a time rather than whole: a chunk's frames count in its memory, and the budget
@@ -247,14 +246,12 @@ def kv_heads_per_chunk(
     if frames_built_per_chunk:
         per_head += inputs // kv_heads
         budget += inputs // 2
-    divisors = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0]
-    fits = [d for d in divisors if d * per_head <= budget and d * tiles_per_kv_head < LIMITS.max_table_tiles]
-    chosen = max(fits, default=1)
-    if chosen == 1 and batch * (group if per_query_head else 1) == 1 and kv_heads > 1:
-        # a chunk of one permutation row would need a graph of its own or a split into two rows
-        # (flexpbs.sparse_attention): the next divisor costs about as much memory as the split
-        chosen = next((d for d in divisors[1:] if d * tiles_per_kv_head < LIMITS.max_table_tiles), 1)
-    return chosen
+    fits = [
+        d
+        for d in range(1, kv_heads + 1)
+        if kv_heads % d == 0 and d * per_head <= budget and d * tiles_per_kv_head < LIMITS.max_table_tiles
+    ]
+    return max(fits, default=1)
 
 
 def kv_heads_per_chunk_of_size(

@@ -54,11 +54,10 @@ def warmup(
         dtype, device, batch: of the later calls' query, key and value.
         value_dim: Dv, ``head_dim`` when None.
         max_seq_len: the longest key length to prepare for. On CUDA one graph serves every length,
-            except for a single permutation row (batch 1 and one KV head: MQA, or ``gqa="per_head"``
-            without grouping) too long to run as two rows (``LIMITS.split_row_bytes``): it needs a
-            second graph, which the warm-up compiles when ``max_seq_len`` reaches such lengths (None:
-            524288). Models with several KV heads never need it (head chunks hold two rows at least).
-            On the CPU the graph also has a capacity per power of two (None: lengths up to 4096 keys).
+            except, at batch 1, for lengths whose head chunks hold a single KV head too long to run
+            as two rows (``LIMITS.split_row_bytes``): they need a second graph, which the warm-up
+            compiles when ``max_seq_len`` reaches them (None: 524288). On the CPU the graph also has
+            a capacity per power of two (None: lengths up to 4096 keys).
         config, **options: the options of the later calls (see :class:`PBSConfig`), not both.
 
     Returns:

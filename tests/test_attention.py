@@ -202,16 +202,6 @@ def test_head_chunks_bounding_memory_give_the_same_result(gqa):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
-def test_a_head_chunk_of_one_sequence_holds_two_permutation_rows_at_least():
-    # one KV head at batch 1 would be a single row: a graph of its own, or a split into two rows
-    q, k, v = make_qkv(Case(1, 4, 2, 700, 32, 64, 128, seed=4))
-    with flexpbs.limits.override(min_chunk_bytes=0, chunk_share=0.0):
-        assert kv_heads_per_chunk(q, k, v, 64, False) == 2
-        assert kv_heads_per_chunk(q, k, v, 64, True) == 1  # per_head: one KV head is two rows
-        assert kv_heads_per_chunk(q[:, :2], k[:, :1], v[:, :1], 64, False) == 1  # one KV head only
-        assert kv_heads_per_chunk(*(torch.cat([x, x]) for x in (q, k, v)), 64, False) == 1  # batch 2
-
-
 def test_tile_tables_stay_within_int32_indexing():
     case = Case(
         batch=1, kv_heads=4, group=2, seq_len=700, head_dim=32, block_size=64, segment_size=128, seed=4

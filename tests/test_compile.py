@@ -59,14 +59,14 @@ def test_warmup_prepares_the_cpu_graphs_up_to_max_seq_len():
 
 
 def test_warmup_compiles_the_graph_of_single_rows_too_long_to_split():
-    # Batch 1 with one KV head (MQA) is a single permutation row; above LIMITS.split_row_bytes it is
-    # not run as two rows, and needs a graph of its own.
+    # Batch 1 and head chunks of one KV head (3000 keys, not 512) are single permutation rows; above
+    # LIMITS.split_row_bytes they are not run as two rows, and need a graph of their own.
     options = dict(block_size=64, segment_size=128)
-    with flexpbs.limits.override(split_row_bytes=0):
-        flexpbs.warmup(2, 1, 16, dtype=torch.float32, device="cpu", **options, threshold=0.7)
+    with flexpbs.limits.override(split_row_bytes=0, min_chunk_bytes=300_000):
+        flexpbs.warmup(4, 2, 16, dtype=torch.float32, device="cpu", **options, threshold=0.7)
         before = graphs()
         for n_queries, n in [(3000, 3000), (100, 2000)]:
-            q, k, v = make_qkv(Case(1, 1, 2, n, 16, 64, 128, seed=n))
+            q, k, v = make_qkv(Case(1, 2, 2, n, 16, 64, 128, seed=n))
             q = q[:, :, n - n_queries :]
             out = flexpbs.attention(q, k, v, **options, threshold=1.0)
             torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
