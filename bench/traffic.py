@@ -76,6 +76,12 @@ class Traffic(TorchDispatchMode):
             )
         elif name in _PLACING:
             moved = 2 * _nbytes(args[2:]) + _nbytes(args[1])  # the values (or src) and the indices
+            if name in ("index_put_", "index_put", "_index_put_impl_"):
+                # the values may broadcast (a scalar zero fills every indexed row): count the rows written
+                indices = [i for i in args[1] if i is not None]
+                rows = max((i.numel() for i in indices), default=0)
+                row_bytes = args[0][(0,) * len(indices)].numel() * args[0].element_size()
+                moved = _nbytes(args[2:]) + rows * row_bytes + _nbytes(indices)
         else:
             moved = _nbytes((args, kwargs)) + (0 if name.endswith("_") else _nbytes(out))
         self.bytes[(self.stage[-1], name)] += moved

@@ -98,11 +98,14 @@ def padded_attention(
             _gather_rows(value[:, kv_heads], key_source, key_rows),
         )
 
-    def unframe(out: torch.Tensor) -> torch.Tensor:
-        return _gather_rows(out, frame_row, valid_q)
+    out = query.new_empty(*query.shape[:3], value.shape[3])
+
+    def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:
+        _gather_rows(frame_out, frame_row, valid_q, out=out[:, q_heads])
 
     shape = FrameShape(query.shape[0], query.shape[1], key.shape[1], frame, query.shape[3], value.shape[3])
-    return frame_attention(frames, unframe, shape, query.dtype, n_keys, n_q, cfg, return_stats)
+    stats = frame_attention(frames, unframe, shape, query.dtype, n_keys, n_q, cfg, return_stats)
+    return (out, stats) if return_stats else out
 
 
 def _real_first(valid: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,11 @@ def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
     )
 
 
-def _gather_rows(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, n, D]`` rows ``rows [B, m]`` -> ``[B, H, m, D]``, zeros where ``keep [B, m]`` is False."""
+def _gather_rows(
+    x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [B, H, n, D]`` rows ``rows [B, m]`` -> ``[B, H, m, D]`` (into ``out`` when given, any strides),
+    zeros where ``keep [B, m]`` is False."""
     index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-    return x.gather(2, index).masked_fill_(~keep[:, None, :, None], 0)  # in place: no second frame
+    gathered = torch.gather(x, 2, index, out=out) if out is not None else x.gather(2, index)
+    return gathered.masked_fill_(~keep[:, None, :, None], 0)  # in place: no second frame

@@ -84,11 +84,15 @@ def varlen_attention(
         if isinstance(value_, bool) or not isinstance(value_, int) or value_ < 0:
             raise TypeError(f"{name} must be a non-negative int or None, got {value_!r}")
     cfg = resolve(cfg, query, value)
-    if offsets is not None and query.shape[0]:
-        groups = frame_groups(offsets.n_keys)
-        if len(groups) > 1:
-            return _grouped(query, key, value, offsets, groups, cfg, return_stats)
-    return _one_frame(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, cfg, return_stats)
+    out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
+    groups = frame_groups(offsets.n_keys) if offsets is not None and query.shape[0] else []
+    if len(groups) > 1:
+        stats = _grouped(out, query, key, value, offsets, groups, cfg, return_stats)
+    else:
+        stats = _one_frame(
+            out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, cfg, return_stats
+        )
+    return (out, stats) if return_stats else out
 
 
 class _Offsets(NamedTuple):
@@ -120,6 +124,7 @@ def frame_groups(n_keys: list[int]) -> list[list[int]]:
 
 
 def _grouped(
+    out: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -127,10 +132,9 @@ def _grouped(
     groups: list[list[int]],
     cfg: PBSConfig,
     return_stats: bool,
-) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
-    """:func:`_one_frame` per group of sequences (:func:`frame_groups`)."""
-    out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
-    stats: list[PBSStats | None] = [None] * len(offsets.n_keys)
+) -> list[PBSStats] | None:
+    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), into ``out``."""
+    stats: list[PBSStats] = [None] * len(offsets.n_keys)  # type: ignore[list-item]
     for group in groups:
         q_index, k_index = (
             torch.cat([torch.arange(cu[b], cu[b + 1]) for b in group]).to(query.device)
@@ -143,15 +147,16 @@ def _grouped(
             for sizes in (offsets.n_queries, offsets.n_keys)
         )
         max_k = max(offsets.n_keys[b] for b in group)
-        result = _one_frame(query, key, value, cu_q, cu_k, max_k, cfg, return_stats, (q_index, k_index))
-        out_group, stats_group = result if return_stats else (result, [])
-        out[q_index] = out_group
-        for b, s in zip(group, stats_group, strict=False):
+        group_stats = _one_frame(
+            out, query, key, value, cu_q, cu_k, max_k, cfg, return_stats, (q_index, k_index)
+        )
+        for b, s in zip(group, group_stats or [], strict=False):
             stats[b] = s
-    return (out, stats) if return_stats else out
+    return stats if return_stats else None
 
 
 def _one_frame(
+    out: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -161,35 +166,48 @@ def _one_frame(
     cfg: PBSConfig,
     return_stats: bool,
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
+) -> list[PBSStats] | None:
     """The sequences of ``cu_seqlens_q/k`` in one frame of ``max_seqlen_k`` positions (rounded up to
-    whole blocks). ``tokens``: ``(q_index, k_index)`` int64, their rows of the packed tensors (a group of
-    a batch, gathered a head chunk at a time); None: every row, in order."""
+    whole blocks), their output rows written into ``out [total_q, Hq, Dv]``. ``tokens``: ``(q_index,
+    k_index)`` int64, their rows of the packed tensors (a group of a batch, gathered a head chunk at a
+    time); None: every row, in order. Returns the per-sequence stats with ``return_stats``."""
     q_index, k_index = tokens or (None, None)
     total_q = query.shape[0] if q_index is None else q_index.shape[0]
     total_k = key.shape[0] if k_index is None else k_index.shape[0]
     if total_q == 0:  # no query in the batch
-        empty = query.new_zeros(0, query.shape[1], value.shape[2])
-        return (empty, _empty_stats(cu_seqlens_k, query, key, cfg)) if return_stats else empty
+        return _empty_stats(cu_seqlens_k, query, key, cfg) if return_stats else None
     n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     n_queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     frame = frame_length(max_seqlen_k, cfg.block_size)
-    key_slots = _frame_slots(cu_seqlens_k, n_keys, total_k, torch.zeros_like(n_keys))
-    query_slots = _frame_slots(cu_seqlens_q, n_queries, total_q, n_keys - n_queries)
     batch = n_keys.shape[0]
+    # every frame slot of a sequence's keys and queries, then the rest (zeroed); totals known on the host
+    key_slots = _slots(torch.zeros_like(n_keys), n_keys, total_k)
+    query_slots = _slots(n_keys - n_queries, n_queries, total_q)
+    tail = _slots(n_keys, frame - n_keys, batch * frame - total_k)
+    key_padding = tail
+    query_padding = tuple(
+        torch.cat(pair)
+        for pair in zip(
+            _slots(torch.zeros_like(n_keys), n_keys - n_queries, total_k - total_q), tail, strict=True
+        )
+    )
 
     def rows(x: torch.Tensor, index: torch.Tensor | None, heads: slice) -> torch.Tensor:
         return x[:, heads] if index is None else x[index, heads]
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
-            _to_frame(rows(query, q_index, q_heads), query_slots, batch, frame),
-            _to_frame(rows(key, k_index, kv_heads), key_slots, batch, frame),
-            _to_frame(rows(value, k_index, kv_heads), key_slots, batch, frame),
+            _to_frame(rows(query, q_index, q_heads), query_slots, query_padding, batch, frame),
+            _to_frame(rows(key, k_index, kv_heads), key_slots, key_padding, batch, frame),
+            _to_frame(rows(value, k_index, kv_heads), key_slots, key_padding, batch, frame),
         )
 
-    def unframe(out: torch.Tensor) -> torch.Tensor:  # reads the query rows alone
-        return out.permute(0, 2, 1, 3)[query_slots]
+    def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:  # reads the query rows alone
+        by_row = frame_out.permute(0, 2, 1, 3)
+        if q_index is None:  # straight into the output's rows: no copy of the picked rows
+            torch.ops.aten.index.Tensor_out(by_row, list(query_slots), out=out[:, q_heads])
+        else:
+            out[q_index, q_heads] = by_row[query_slots]
 
     shape = FrameShape(batch, query.shape[1], key.shape[1], frame, query.shape[2], value.shape[2])
     return frame_attention(frames, unframe, shape, query.dtype, n_keys, n_queries, cfg, return_stats)
@@ -209,31 +227,31 @@ class FrameShape(NamedTuple):
 
 def frame_attention(
     frames: Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    unframe: Callable[[torch.Tensor], torch.Tensor],
+    unframe: Callable[[torch.Tensor, slice], None],
     shape: FrameShape,
     dtype: torch.dtype,
     n_keys: torch.Tensor,
     n_queries: torch.Tensor,
     cfg: PBSConfig,
     return_stats: bool,
-) -> torch.Tensor | tuple[torch.Tensor, list[PBSStats]]:
+) -> list[PBSStats] | None:
     """The pipeline over a batch laid out in frames, a few KV heads at a time, with ``cfg`` resolved.
 
     The frames are built per head chunk (:func:`flexpbs.pipeline.kv_heads_per_chunk` of the whole
     frames, built per chunk), so a chunk needs no copy of a head slice of a whole frame, and only one
-    chunk's frames are alive at a time.
+    chunk's frames are alive at a time; each chunk's output goes straight to the caller's output.
 
     Args:
         frames: ``(query heads, KV heads) -> (q [B, h, L, D], k [B, hk, L, D], v [B, hk, L, Dv])``, the
             frames of those heads, zeros outside each sequence.
-        unframe: the caller's output of one chunk, heads on dim 1, from its ``[B, h, L, Dv]`` frame
-            output (rows holding no query are unspecified).
+        unframe: ``(out [B, h, L, Dv], query heads)``: writes a chunk's frame output (rows holding no
+            query are unspecified) into the caller's output.
         shape: the whole frame's sizes; dtype: the inputs'.
         n_keys, n_queries: ``[B]`` int64, each sequence's keys and queries.
 
     Returns:
-        The chunks' outputs joined on dim 1; with ``return_stats``, also one :class:`PBSStats` per
-        sequence (reads the lengths on the host).
+        With ``return_stats``, one :class:`PBSStats` per sequence (reads the lengths on the host);
+        else None.
     """
     dense = n_keys <= cfg.segment_size
     if cfg.min_seq_len is not None:
@@ -244,20 +262,18 @@ def frame_attention(
         *shape, dtype, cfg.block_size, per_query_head, frames_built_per_chunk=True
     )
     group = shape.q_heads // shape.kv_heads
-    outs, parts = [], []
+    parts = []
     for k0 in range(0, shape.kv_heads, per_chunk):
-        q_frame, k_frame, v_frame = frames(
-            slice(k0 * group, (k0 + per_chunk) * group), slice(k0, k0 + per_chunk)
-        )
+        q_heads = slice(k0 * group, (k0 + per_chunk) * group)
+        q_frame, k_frame, v_frame = frames(q_heads, slice(k0, k0 + per_chunk))
         result = pbs_attention(q_frame, k_frame, v_frame, cfg, return_stats, lengths, chunk_heads=False)
         del q_frame, k_frame, v_frame
         out, stats = result if return_stats else (result, None)
-        outs.append(unframe(out))
+        unframe(out, q_heads)
         del out
         parts.append(stats)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if not return_stats:
-        return out
+        return None
     stats = parts[0]
     if len(parts) > 1:
         stats = dataclasses.replace(
@@ -267,7 +283,7 @@ def frame_attention(
             density=torch.cat([s.density for s in parts], dim=1),
             sorted_rows=torch.cat([s.sorted_rows for s in parts], dim=1),
         )
-    return out, _sequence_stats(stats, lengths, cfg)
+    return _sequence_stats(stats, lengths, cfg)
 
 
 def _sequence_stats(stats: PBSStats, lengths: SequenceLengths, cfg: PBSConfig) -> list[PBSStats]:
@@ -323,26 +339,31 @@ def _empty_stats(
     return _sequence_stats(template, lengths, cfg)
 
 
-def _frame_slots(
-    cu_seqlens: torch.Tensor, lengths: torch.Tensor, total: int, start: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([total], [total])`` int64: the frame row and position of each packed token, the tokens of
-    sequence b at positions from ``start[b]`` on; computed on the device (no host synchronisation)."""
-    sequence = torch.repeat_interleave(
-        torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=total
-    )
-    offset = torch.arange(total, device=lengths.device) - cu_seqlens[:-1].long()[sequence]
-    return sequence, start[sequence] + offset
+def _slots(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([total], [total])`` int64: frame row and position of every slot in the ranges ``starts[b]`` ..
+    ``starts[b] + lengths[b] - 1`` of each row b, in order; ``total`` = ``lengths.sum()``, given so that
+    nothing is read on the host (no synchronisation)."""
+    rows = torch.arange(lengths.shape[0], device=lengths.device)
+    row = torch.repeat_interleave(rows, lengths, output_size=total)
+    before = lengths.cumsum(0) - lengths  # slots of the earlier rows
+    offset = torch.arange(total, device=lengths.device) - before[row]
+    return row, starts[row] + offset
 
 
 def _to_frame(
-    packed: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], batch: int, frame: int
+    packed: torch.Tensor,
+    slots: tuple[torch.Tensor, torch.Tensor],
+    padding: tuple[torch.Tensor, torch.Tensor],
+    batch: int,
+    frame: int,
 ) -> torch.Tensor:
-    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands. The tokens are
-    written straight into the frame's layout: a frame built as ``[B, L, H, D]`` would need a
-    transposing copy of the whole frame (most of its slots padding when lengths differ)."""
-    out = packed.new_zeros(batch, packed.shape[1], frame, packed.shape[2])
+    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands (``padding``: the
+    other slots, so only they are zeroed, not the whole frame). The tokens are written straight into
+    the frame's layout: a frame built as ``[B, L, H, D]`` would need a transposing copy of the whole
+    frame."""
+    out = packed.new_empty(batch, packed.shape[1], frame, packed.shape[2])
     out.permute(0, 2, 1, 3)[slots] = packed
+    out.permute(0, 2, 1, 3)[padding] = 0
     return out
 
 
