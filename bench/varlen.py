@@ -13,6 +13,7 @@ host time included where a call is host-bound):
 - ``varlen_one_frame``: the same with the maxima given (no host synchronisation, CUDA-graph capturable:
   one frame as long as the longest sequence);
 - ``singles``: ``flexpbs.attention`` on each sequence, one after the other (their sum);
+- ``varlen_host``, ``singles_host``: their host time alone (:func:`bench.timing.host_ms`);
 - ``padded``: ``flexpbs.attention`` on the batch right-padded to its longest sequence, ``valid_keys``;
 - ``cudnn``: SDPA cuDNN per sequence (summed); ``flex_document``: one compiled FlexAttention call over
   the packed tokens with a document-causal mask (dense).
@@ -35,7 +36,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import flexpbs
 
 from .profile_call import kernel_events, per_call
-from .timing import cuda_ms
+from .timing import cuda_ms, host_ms
 from .workloads import synthetic_qkv
 
 DEV = torch.device("cuda")
@@ -123,6 +124,9 @@ def measure(lengths: list[int], options: dict) -> dict:
             flexpbs.attention(*s, **options)
 
     row["singles"] = cuda_ms(singles)
+    # host time of each (issued while the GPU is busy): what a host-bound batch of single calls pays
+    row["varlen_host"] = host_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options))
+    row["singles_host"] = host_ms(singles)
     row["padded"] = padded_ms(sequences, longest, options)
 
     def cudnn():
@@ -183,13 +187,13 @@ def run(args: argparse.Namespace) -> None:
                 json.dump(result, f, indent=1)
     print(
         "\n| batch | tokens | density | varlen ms | singles ms | singles / varlen | one frame ms | padded ms "
-        "| SDPA cuDNN ms | flex document ms |"
+        "| SDPA cuDNN ms | flex document ms | host ms: varlen / singles |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
             f"| {name} | {r['tokens']} | {r['density']:.3f} | {r['varlen']:.2f} | {r['singles']:.2f} | "
             f"{r['singles'] / r['varlen']:.2f}x | {r['varlen_one_frame']:.2f} | {r['padded']:.2f} "
             f"| {r['cudnn']:.2f} "
-            f"| {r['flex_document']:.2f} |"
+            f"| {r['flex_document']:.2f} | {r['varlen_host']:.1f} / {r['singles_host']:.1f} |"
         )
