@@ -1,8 +1,10 @@
 """Packed batches on the GPU: per-sequence results, and a call captured in a CUDA graph."""
 
+import pytest
 import torch
 
 import flexpbs
+from flexpbs.limits import override
 from tests.test_varlen import HKV, HQ, packed_batch, unpack
 
 if not torch.cuda.is_available():
@@ -17,9 +19,11 @@ def cuda_batch(dtype=torch.bfloat16):
     return (*(x.cuda() for x in (q, k, v, cu_q, cu_k)), [tuple(x.cuda() for x in s) for s in sequences])
 
 
-def test_each_sequence_equals_a_call_on_it_alone_on_cuda():
+@pytest.mark.parametrize("frames", [{}, dict(frame_short_keys=0)])  # one frame; frames by length
+def test_each_sequence_equals_a_call_on_it_alone_on_cuda(frames):
     q, k, v, cu_q, cu_k, sequences = cuda_batch()
-    out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, return_stats=True, **OPTIONS)
+    with override(**frames):
+        out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, return_stats=True, **OPTIONS)
     assert out.shape == (q.shape[0], HQ, v.shape[-1]) and k.shape[1] == HKV
     for b, (q_b, k_b, v_b) in enumerate(sequences):
         alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, return_stats=True, **OPTIONS)
