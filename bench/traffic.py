@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 import flexpbs
 import flexpbs.pipeline
 import flexpbs.sparse_attention
+import flexpbs.varlen
 from flexpbs.varlen import frame_groups
 
 from .memory_model import STAGES, MemoryCensus, meta_flex_attention, meta_triton_importance
@@ -104,10 +105,21 @@ def counted() -> Traffic:
 
         return call
 
+    def row_kernel(src, src_layout, src_rows, dst, dst_layout, dst_rows=None, **_):
+        # flexpbs.rows.copy_rows's Triton kernel (the GPU's path): reads the existing source rows
+        # and the indices once, writes every listed row once
+        row_bytes = src.shape[1] * src.shape[-1] * src.element_size()
+        n = src_rows.shape[0]
+        read = min(n, src_layout.batch * src_layout.length) * row_bytes
+        indices = n * 8 * (1 if dst_rows is None else 2)
+        traffic.bytes[(traffic.stage[-1], "copy_rows")] += read + n * row_bytes + indices
+        traffic.operators += 1
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", meta_flex_attention)
         )
+        stack.enter_context(mock.patch.object(flexpbs.varlen, "copy_rows", row_kernel))
         stack.enter_context(mock.patch.object(flexpbs.pipeline, "key_importance", meta_triton_importance))
         for module, name, label in STAGES:
             stack.enter_context(mock.patch.object(module, name, staged(getattr(module, name), label)))

@@ -13,7 +13,7 @@ host time included where a call is host-bound):
 - ``varlen_one_frame``: the same with the maxima given (no host synchronisation, CUDA-graph capturable:
   one frame as long as the longest sequence);
 - ``singles``: ``flexpbs.attention`` on each sequence, one after the other (their sum);
-- ``varlen_host``, ``singles_host``: their host time alone (:func:`bench.timing.host_ms`);
+- ``host``: the host time of ``varlen_one_frame`` and of ``singles`` (:func:`bench.timing.host_ms`);
 - ``padded``: ``flexpbs.attention`` on the batch right-padded to its longest sequence, ``valid_keys``;
 - ``cudnn``: SDPA cuDNN per sequence (summed); ``flex_document``: one compiled FlexAttention call over
   the packed tokens with a document-causal mask (dense).
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", default=list(BATCHES), choices=list(BATCHES))
     parser.add_argument("--backend", default="triton", choices=["triton", "flash", "auto"])
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="kernel tables instead of timings")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per table (--profile)")
@@ -111,34 +112,45 @@ def document_mask(cu: torch.Tensor, total: int):
     return create_block_mask(document_causal, None, None, total, total, device=DEV, _compile=True)
 
 
-def measure(lengths: list[int], options: dict) -> dict:
+METHODS = ("varlen", "varlen_one_frame", "singles", "host", "padded", "cudnn", "flex_document")
+
+
+def measure(lengths: list[int], options: dict, methods: list[str]) -> dict:
     q, k, v, cu, sequences = packed(lengths)
     longest, total = max(lengths), sum(lengths)
     row: dict = {"lengths": lengths, "tokens": total}
     maxima = dict(max_seqlen_q=longest, max_seqlen_k=longest)
-    row["varlen"] = cuda_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options))
-    row["varlen_one_frame"] = cuda_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, **options))
 
     def singles():
         for s in sequences:
             flexpbs.attention(*s, **options)
-
-    row["singles"] = cuda_ms(singles)
-    # host time of each (issued while the GPU is busy): what a host-bound batch of single calls pays
-    row["varlen_host"] = host_ms(lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options))
-    row["singles_host"] = host_ms(singles)
-    row["padded"] = padded_ms(sequences, longest, options)
 
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             for s in sequences:
                 F.scaled_dot_product_attention(*s, is_causal=True, enable_gqa=True)
 
-    row["cudnn"] = cuda_ms(cudnn)
-    mask = document_mask(cu, total)
-    document_flex = torch.compile(flex_attention, dynamic=False)
-    qd, kd, vd = (x.transpose(0, 1)[None] for x in (q, k, v))
-    row["flex_document"] = cuda_ms(lambda: document_flex(qd, kd, vd, block_mask=mask, enable_gqa=True))
+    calls = {
+        "varlen": lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options),
+        "varlen_one_frame": lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, **options),
+        "singles": singles,
+        "cudnn": cudnn,
+    }
+    for name in methods:
+        if name in calls:
+            row[name] = cuda_ms(calls[name])
+    if "host" in methods:
+        # host time (issued while the GPU is busy) of the packed call that reads no offsets and of the
+        # single calls; about 500 ms means the call waited for the GPU (a synchronisation)
+        row["varlen_one_frame_host"] = host_ms(calls["varlen_one_frame"])
+        row["singles_host"] = host_ms(singles)
+    if "padded" in methods:
+        row["padded"] = padded_ms(sequences, longest, options)
+    if "flex_document" in methods:
+        mask = document_mask(cu, total)
+        document_flex = torch.compile(flex_attention, dynamic=False)
+        qd, kd, vd = (x.transpose(0, 1)[None] for x in (q, k, v))
+        row["flex_document"] = cuda_ms(lambda: document_flex(qd, kd, vd, block_mask=mask, enable_gqa=True))
     _, stats = flexpbs.varlen_attention(q, k, v, cu, cu, return_stats=True, **options)
     row["density"] = sum(s.density.mean().item() * n for s, n in zip(stats, lengths, strict=True)) / total
     return row
@@ -175,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
         return
     rows = {}
     for name in args.batches:
-        rows[name] = measure(BATCHES[name], options)
+        rows[name] = measure(BATCHES[name], options, args.methods)
         print(
             name,
             {key: round(val, 3) if isinstance(val, float) else val for key, val in rows[name].items()},
@@ -185,15 +197,16 @@ def run(args: argparse.Namespace) -> None:
             result = {"options": options, "rows": rows, "device": torch.cuda.get_device_name()}
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
+    columns = [
+        m
+        for m in ("varlen", "varlen_one_frame", "singles", "padded", "cudnn", "flex_document")
+        if m in args.methods
+    ]
     print(
-        "\n| batch | tokens | density | varlen ms | singles ms | singles / varlen | one frame ms | padded ms "
-        "| SDPA cuDNN ms | flex document ms | host ms: varlen / singles |"
+        "\n| batch | tokens | density | " + " | ".join(f"{c} ms" for c in columns) + " | singles / varlen |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (len(columns) + 4) + "|")
     for name, r in rows.items():
-        print(
-            f"| {name} | {r['tokens']} | {r['density']:.3f} | {r['varlen']:.2f} | {r['singles']:.2f} | "
-            f"{r['singles'] / r['varlen']:.2f}x | {r['varlen_one_frame']:.2f} | {r['padded']:.2f} "
-            f"| {r['cudnn']:.2f} "
-            f"| {r['flex_document']:.2f} | {r['varlen_host']:.1f} / {r['singles_host']:.1f} |"
-        )
+        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
+        ratio = f"{r['singles'] / r['varlen']:.2f}x" if "singles" in r and "varlen" in r else "-"
+        print(f"| {name} | {r['tokens']} | {r['density']:.3f} | {cells} | {ratio} |")

@@ -20,13 +20,11 @@ blocks at a time (``LIMITS.step_bytes``), never ``[N, N / S]``; the kernel holds
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from flexpbs.importance import triton_importable
 from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 
@@ -123,15 +121,10 @@ def tile_scores(
     return torch.cat(out, dim=2)
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def antidiagonal_scores(query: torch.Tensor, key_p: torch.Tensor, **kwargs) -> torch.Tensor:
     """:func:`tile_scores` (same arguments), by the Triton kernel on CUDA when Triton is importable,
     else by the PyTorch path."""
-    if query.is_cuda and _triton_importable():
+    if query.is_cuda and triton_importable():
         from flexpbs.kernels.antidiagonal import triton_tile_scores
 
         return triton_tile_scores(query, key_p, **kwargs)

@@ -89,7 +89,8 @@ def last_block_importance(
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether the triton package can be imported (looked up, not imported)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -101,7 +102,7 @@ def resolve_importance_kernel(kernel: str, device: torch.device) -> str:
     """
     if kernel == "torch":
         return "torch"
-    usable = _triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    usable = triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
     if kernel == "triton" and not usable:
         raise ValueError(
             "importance_kernel='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 "

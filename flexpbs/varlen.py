@@ -24,6 +24,7 @@ from flexpbs.lengths import SequenceLengths, frame_length
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import identity_permutation
 from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
+from flexpbs.rows import copy_rows, frame_layout, packed_layout
 from flexpbs.sparse_attention import check_block_size
 from flexpbs.tile_grid import cdiv, density
 from flexpbs.validation import FLOAT_DTYPES
@@ -169,8 +170,8 @@ def _one_frame(
 ) -> list[PBSStats] | None:
     """The sequences of ``cu_seqlens_q/k`` in one frame of ``max_seqlen_k`` positions (rounded up to
     whole blocks), their output rows written into ``out [total_q, Hq, Dv]``. ``tokens``: ``(q_index,
-    k_index)`` int64, their rows of the packed tensors (a group of a batch, gathered a head chunk at a
-    time); None: every row, in order. Returns the per-sequence stats with ``return_stats``."""
+    k_index)`` int64, their rows of the packed tensors (a group of a batch, read in place); None: every
+    row, in order. Returns the per-sequence stats with ``return_stats``."""
     q_index, k_index = tokens or (None, None)
     total_q = query.shape[0] if q_index is None else q_index.shape[0]
     total_k = key.shape[0] if k_index is None else k_index.shape[0]
@@ -180,34 +181,26 @@ def _one_frame(
     n_queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     frame = frame_length(max_seqlen_k, cfg.block_size)
     batch = n_keys.shape[0]
-    # every frame slot of a sequence's keys and queries, then the rest (zeroed); totals known on the host
-    key_slots = _slots(torch.zeros_like(n_keys), n_keys, total_k)
-    query_slots = _slots(n_keys - n_queries, n_queries, total_q)
-    tail = _slots(n_keys, frame - n_keys, batch * frame - total_k)
-    key_padding = tail
-    query_padding = tuple(
-        torch.cat(pair)
-        for pair in zip(
-            _slots(torch.zeros_like(n_keys), n_keys - n_queries, total_k - total_q), tail, strict=True
+    # the frame slot (b * L + position) of each token, and the packed row of each slot (-1: zeros)
+    key_slots = _slots(torch.zeros_like(n_keys), n_keys, total_k, frame)
+    query_slots = _slots(n_keys - n_queries, n_queries, total_q, frame)
+    key_source, query_source = (
+        torch.full((batch * frame,), -1, dtype=torch.int64, device=query.device).index_put_(
+            (slots,), torch.arange(total, device=query.device) if index is None else index
         )
+        for slots, index, total in ((key_slots, k_index, total_k), (query_slots, q_index, total_q))
     )
-
-    def rows(x: torch.Tensor, index: torch.Tensor | None, heads: slice) -> torch.Tensor:
-        return x[:, heads] if index is None else x[index, heads]
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
-            _to_frame(rows(query, q_index, q_heads), query_slots, query_padding, batch, frame),
-            _to_frame(rows(key, k_index, kv_heads), key_slots, key_padding, batch, frame),
-            _to_frame(rows(value, k_index, kv_heads), key_slots, key_padding, batch, frame),
+            _to_frame(query[:, q_heads], query_source, batch, frame),
+            _to_frame(key[:, kv_heads], key_source, batch, frame),
+            _to_frame(value[:, kv_heads], key_source, batch, frame),
         )
 
-    def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:  # reads the query rows alone
-        by_row = frame_out.permute(0, 2, 1, 3)
-        if q_index is None:  # straight into the output's rows: no copy of the picked rows
-            torch.ops.aten.index.Tensor_out(by_row, list(query_slots), out=out[:, q_heads])
-        else:
-            out[q_index, q_heads] = by_row[query_slots]
+    def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:  # the query rows alone
+        rows = out[:, q_heads]
+        copy_rows(frame_out, frame_layout(frame_out), query_slots, rows, packed_layout(rows), q_index)
 
     shape = FrameShape(batch, query.shape[1], key.shape[1], frame, query.shape[2], value.shape[2])
     return frame_attention(frames, unframe, shape, query.dtype, n_keys, n_queries, cfg, return_stats)
@@ -339,31 +332,22 @@ def _empty_stats(
     return _sequence_stats(template, lengths, cfg)
 
 
-def _slots(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([total], [total])`` int64: frame row and position of every slot in the ranges ``starts[b]`` ..
+def _slots(starts: torch.Tensor, lengths: torch.Tensor, total: int, frame: int) -> torch.Tensor:
+    """``[total]`` int64: the frame slots ``b * frame + position`` of the positions ``starts[b]`` ..
     ``starts[b] + lengths[b] - 1`` of each row b, in order; ``total`` = ``lengths.sum()``, given so that
     nothing is read on the host (no synchronisation)."""
     rows = torch.arange(lengths.shape[0], device=lengths.device)
     row = torch.repeat_interleave(rows, lengths, output_size=total)
-    before = lengths.cumsum(0) - lengths  # slots of the earlier rows
+    before = lengths.cumsum(0) - lengths  # positions of the earlier rows
     offset = torch.arange(total, device=lengths.device) - before[row]
-    return row, starts[row] + offset
+    return row * frame + starts[row] + offset
 
 
-def _to_frame(
-    packed: torch.Tensor,
-    slots: tuple[torch.Tensor, torch.Tensor],
-    padding: tuple[torch.Tensor, torch.Tensor],
-    batch: int,
-    frame: int,
-) -> torch.Tensor:
-    """``packed [total, H, D]`` -> ``[B, H, L, D]`` frame, zeros where no token lands (``padding``: the
-    other slots, so only they are zeroed, not the whole frame). The tokens are written straight into
-    the frame's layout: a frame built as ``[B, L, H, D]`` would need a transposing copy of the whole
-    frame."""
+def _to_frame(packed: torch.Tensor, source: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
+    """``packed [T, H, D]`` -> ``[B, H, L, D]`` frame: slot s holds packed row ``source[s]``, zeros
+    where it is -1. Written straight in the frame's layout, each slot once (no zero fill first)."""
     out = packed.new_empty(batch, packed.shape[1], frame, packed.shape[2])
-    out.permute(0, 2, 1, 3)[slots] = packed
-    out.permute(0, 2, 1, 3)[padding] = 0
+    copy_rows(packed, packed_layout(packed), source, out, frame_layout(out))
     return out
 
 

@@ -1,7 +1,8 @@
 """``flexpbs.warmup``: compile what a process needs before traffic arrives.
 
 What compiles, once per process: FlexAttention's graph for a (dtype, head shape, batch size, block
-size, kernel options, grad mode) and, on CUDA, the Triton importance kernel. On CUDA the graph's
+size, kernel options, grad mode) and, on CUDA, the Triton importance kernel and the row-copy kernel of
+packed batches (:mod:`flexpbs.rows`). On CUDA the graph's
 lengths are dynamic, so one prefill call compiles everything any later length or chunk uses. On the
 CPU the graph has a static position-table capacity (a power of two of at least 4096 keys, see
 :mod:`flexpbs.sparse_attention`), so the warm-up compiles one graph per capacity up to
@@ -24,6 +25,7 @@ import torch
 from flexpbs.config import PBSConfig
 from flexpbs.limits import LIMITS, override
 from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
+from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY, split_cost_bytes
 
 # The longest prompt a CUDA warm-up prepares for by default.
@@ -104,6 +106,7 @@ def warmup(
         v = torch.randn(batch, heads, n_keys, value_dim, generator=gen).to(device, dtype)
         with override(split_row_bytes=0) if single else contextlib.nullcontext():
             pbs_attention(q, k, v, cfg, return_stats=False)
+    compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -1,0 +1,94 @@
+"""Token rows between packed tensors and frames: the copies that lay out a packed batch.
+
+A packed tensor ``[T, H, D]`` holds one token per row; a frame ``[B, H, L, D]`` holds sequence b's
+tokens at rows ``b * L + position`` (:mod:`flexpbs.lengths`). :func:`copy_rows` copies whole rows (D
+contiguous elements per head) from listed source rows to listed destination rows; on CUDA with the
+Triton kernel of :mod:`flexpbs.kernels.rows`, elsewhere with advanced indexing (the reference).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from flexpbs.importance import triton_importable
+
+
+class RowLayout(NamedTuple):
+    """How row r of head h of a tensor is addressed, in elements: ``(r // length) * stride_b + (r %
+    length) * stride_l + h * stride_h``, the D elements of a row contiguous; ``batch`` blocks of
+    ``length`` rows."""
+
+    batch: int
+    length: int
+    stride_b: int
+    stride_l: int
+    stride_h: int
+
+
+def packed_layout(x: torch.Tensor) -> RowLayout:
+    """``[T, H, D]`` (any row and head strides, D contiguous): one block of T rows."""
+    return RowLayout(1, max(1, x.shape[0]), 0, x.stride(0), x.stride(1))
+
+
+def frame_layout(x: torch.Tensor) -> RowLayout:
+    """``[B, H, L, D]`` (D contiguous): rows ``b * L + l``."""
+    return RowLayout(x.shape[0], max(1, x.shape[2]), x.stride(0), x.stride(2), x.stride(1))
+
+
+def copy_rows(
+    src: torch.Tensor,
+    src_layout: RowLayout,
+    src_rows: torch.Tensor,
+    dst: torch.Tensor,
+    dst_layout: RowLayout,
+    dst_rows: torch.Tensor | None = None,
+    *,
+    kernel: str = "auto",
+) -> None:
+    """``dst`` row ``dst_rows[i]`` (row ``i`` when None) = ``src`` row ``src_rows[i]`` for every head,
+    zeros where ``src_rows[i]`` is negative.
+
+    Args:
+        src, dst: tensors of the same dtype and device whose last dim (D) is contiguous, laid out as
+            their layouts state (:func:`packed_layout`, :func:`frame_layout`), heads on dim -2 of a
+            packed tensor and dim 1 of a frame, as many in both.
+        src_rows, dst_rows: ``[n]`` int64 on their device; destination rows are distinct.
+        kernel: ``"auto"`` (the Triton kernel on CUDA), ``"triton"`` (on CPU it needs the Triton
+            interpreter) or ``"torch"``.
+    """
+    heads, head_dim = src.shape[1], src.shape[-1]  # heads on dim 1 of both layouts
+    rows_contiguous = src.stride(-1) == 1 and dst.stride(-1) == 1
+    if kernel == "triton" or (kernel == "auto" and src.is_cuda and rows_contiguous and triton_importable()):
+        from flexpbs.kernels.rows import triton_copy_rows
+
+        triton_copy_rows(src, src_layout, src_rows, dst, dst_layout, dst_rows, heads, head_dim)
+        return
+    source = _blocks(src, src_layout, heads, head_dim)
+    picked = source[src_rows.clamp_min(0) // src_layout.length, src_rows.clamp_min(0) % src_layout.length]
+    picked = picked.masked_fill((src_rows < 0)[:, None, None], 0)
+    target = _blocks(dst, dst_layout, heads, head_dim)
+    rows = torch.arange(src_rows.shape[0], device=dst.device) if dst_rows is None else dst_rows
+    target[rows // dst_layout.length, rows % dst_layout.length] = picked
+
+
+def _blocks(x: torch.Tensor, layout: RowLayout, heads: int, head_dim: int) -> torch.Tensor:
+    """``x`` as a ``[batch, length, H, D]`` view of its storage."""
+    return x.as_strided(
+        (layout.batch, layout.length, heads, head_dim),
+        (layout.stride_b, layout.stride_l, layout.stride_h, 1),
+    )
+
+
+def compile_copy_rows(dtype: torch.dtype, device: torch.device, head_dims: set[int]) -> None:
+    """Compiles :func:`copy_rows`'s kernel variants for ``dtype`` and these head dims on CUDA (both
+    destination modes), so that a packed batch's first call compiles nothing; no-op elsewhere."""
+    if device.type != "cuda" or not triton_importable():
+        return
+    for head_dim in sorted(head_dims):
+        src = torch.zeros(2, 2, head_dim, dtype=dtype, device=device)
+        dst = torch.zeros(1, 2, 2, head_dim, dtype=dtype, device=device)
+        rows = torch.arange(2, device=device)
+        copy_rows(src, packed_layout(src), rows, dst, frame_layout(dst))  # to a frame
+        copy_rows(dst, frame_layout(dst), rows, src, packed_layout(src), rows)  # back
