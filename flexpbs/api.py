@@ -46,8 +46,9 @@ def attention(
             ``key_padding_mask``). Sequence b then gives exactly what a call on its real tokens
             alone gives (its real keys in order; its real queries are the real ones among the last
             Nq positions); query rows at padded positions return zeros. Left, right and inner
-            padding alike. Each sequence with padding runs on its own (the lengths are read on the
-            host: not CUDA-graph capturable); sequences without padding run batched.
+            padding alike. All sequences run in one pipeline pass over a frame of their real
+            tokens (:mod:`flexpbs.padding`): no loop over them, and no host synchronisation for a
+            bool ``valid_keys``.
         config: a :class:`PBSConfig`, or None to build one from ``options``.
         **options: :class:`PBSConfig` fields (``threshold=0.9``, ``backend="triton"``, ...); not
             together with ``config`` (ValueError).
