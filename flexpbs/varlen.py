@@ -1,12 +1,13 @@
-"""``flexpbs.varlen_attention``: a packed batch of sequences of different lengths, in one pipeline run.
+"""``flexpbs.varlen_attention``: a packed batch of sequences of different lengths, in a few pipeline runs.
 
 Serving engines pack the tokens of a batch into one tensor and describe the sequences by cumulative
 offsets (flash-attn's varlen convention). Here the sequences are laid out as a frame, one row of L
-positions per sequence (:mod:`flexpbs.lengths`), and the PBS pipeline runs once over the frame:
-importance, permutation, selection and the block lists cover every sequence at once, and one
-FlexAttention call computes them all. No tile spans two sequences and no query sees another sequence's
-keys, since each sequence has its own frame row. :func:`frame_attention` also serves padded batches
-(:mod:`flexpbs.padding`).
+positions per sequence (:mod:`flexpbs.lengths`; tokens moved by :mod:`flexpbs.rows`), and the PBS
+pipeline runs once over the frame: importance, permutation, selection and the block lists cover every
+sequence at once, and one FlexAttention call (per head chunk) computes them all. No tile spans two
+sequences and no query sees another sequence's keys, since each sequence has its own frame row. When
+the offsets are read, sequences of very different lengths get frames of their own lengths
+(:func:`frame_groups`). :func:`frame_attention` also serves padded batches (:mod:`flexpbs.padding`).
 """
 
 from __future__ import annotations
