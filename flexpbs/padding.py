@@ -14,6 +14,7 @@ import torch
 
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.lengths import frame_length
+from flexpbs.rows import copy_rows, frame_layout
 from flexpbs.varlen import FrameShape, frame_attention
 
 
@@ -76,32 +77,38 @@ def padded_attention(
         its L_b keys and M_b queries).
     """
     valid = validate_valid_keys(valid_keys)
-    n_queries, n = query.shape[2], key.shape[2]
+    batch, n_queries, n = query.shape[0], query.shape[2], key.shape[2]
     valid_q = valid[:, n - n_queries :]
     n_keys, n_q = valid.sum(-1), valid_q.sum(-1)
     frame = frame_length(n, cfg.block_size)
     positions = torch.arange(frame, device=query.device)
-    # keys: the real ones first, in order (a stable sort of the padding flags), at positions 0..L_b-1
-    key_source = _pad_to(_real_first(valid), frame)
-    key_rows = positions < n_keys[:, None]
+    rows = torch.arange(batch, device=query.device)[:, None]
+    # keys: the real ones first, in order (a stable sort of the padding flags), at positions 0..L_b-1;
+    # source rows b * N + index of the padded tensors, -1 (zeros) past them
+    key_index = _pad_to(_real_first(valid), frame)
+    key_source = torch.where(positions < n_keys[:, None], rows * n + key_index, -1).flatten()
     # queries: the real ones in order at positions L_b - M_b .. L_b - 1
     rank = positions - (n_keys - n_q)[:, None]
+    query_index = _real_first(valid_q).gather(1, rank.clamp(0, max(n_queries - 1, 0)))
     query_rows = (rank >= 0) & (rank < n_q[:, None])
-    query_source = _real_first(valid_q).gather(1, rank.clamp(0, max(n_queries - 1, 0)))
-    # back to the padded rows: query i's frame row is L_b - M_b + (its rank among the real queries)
+    query_source = torch.where(query_rows, rows * n_queries + query_index, -1).flatten()
+    # back to the padded rows: query i's frame row is L_b - M_b + (its rank among the real queries);
+    # padded query rows get zeros
     frame_row = ((n_keys - n_q)[:, None] + valid_q.cumsum(-1) - 1).clamp(0, frame - 1)
+    out_source = torch.where(valid_q, rows * frame + frame_row, -1).flatten()
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
-            _gather_rows(query[:, q_heads], query_source, query_rows),
-            _gather_rows(key[:, kv_heads], key_source, key_rows),
-            _gather_rows(value[:, kv_heads], key_source, key_rows),
+            _to_frame(query[:, q_heads], query_source, frame),
+            _to_frame(key[:, kv_heads], key_source, frame),
+            _to_frame(value[:, kv_heads], key_source, frame),
         )
 
     out = query.new_empty(*query.shape[:3], value.shape[3])
 
     def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:
-        _gather_rows(frame_out, frame_row, valid_q, out=out[:, q_heads])
+        target = out[:, q_heads]
+        copy_rows(frame_out, frame_layout(frame_out), out_source, target, frame_layout(target))
 
     shape = FrameShape(query.shape[0], query.shape[1], key.shape[1], frame, query.shape[3], value.shape[3])
     stats = frame_attention(frames, unframe, shape, query.dtype, n_keys, n_q, cfg, return_stats)
@@ -119,11 +126,9 @@ def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
     )
 
 
-def _gather_rows(
-    x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x [B, H, n, D]`` rows ``rows [B, m]`` -> ``[B, H, m, D]`` (into ``out`` when given, any strides),
-    zeros where ``keep [B, m]`` is False."""
-    index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-    gathered = torch.gather(x, 2, index, out=out) if out is not None else x.gather(2, index)
-    return gathered.masked_fill_(~keep[:, None, :, None], 0)  # in place: no second frame
+def _to_frame(padded: torch.Tensor, source: torch.Tensor, frame: int) -> torch.Tensor:
+    """``padded [B, H, n, D]`` -> ``[B, H, frame, D]``: slot ``b * frame + p`` holds row ``source[...]``
+    (``b' * n + index`` of the padded tensor), zeros where it is -1."""
+    out = padded.new_empty(padded.shape[0], padded.shape[1], frame, padded.shape[3])
+    copy_rows(padded, frame_layout(padded), source, out, frame_layout(out))
+    return out
