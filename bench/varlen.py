@@ -12,7 +12,9 @@ host time included where a call is host-bound):
   length, :func:`flexpbs.varlen.frame_groups`);
 - ``varlen_one_frame``: the same with the maxima given (no host synchronisation, CUDA-graph capturable:
   one frame as long as the longest sequence);
-- ``singles``: ``flexpbs.attention`` on each sequence, one after the other (their sum);
+- ``singles``: ``flexpbs.attention`` on each sequence, one after the other (their sum), each given as a
+  contiguous ``[1, H, N, D]`` tensor; ``singles_packed``: the same on strided views of the packed
+  tensors, as a caller holding a packed batch would call them;
 - ``host``: the host time of ``varlen_one_frame`` and of ``singles`` (:func:`bench.timing.host_ms`);
 - ``padded``: ``flexpbs.attention`` on the batch right-padded to its longest sequence, ``valid_keys``;
 - ``cudnn``: SDPA cuDNN per sequence (summed); ``flex_document``: one compiled FlexAttention call over
@@ -26,6 +28,7 @@ varlen call and of the single calls, longest first (torch.profiler: kernel time 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -112,7 +115,16 @@ def document_mask(cu: torch.Tensor, total: int):
     return create_block_mask(document_causal, None, None, total, total, device=DEV, _compile=True)
 
 
-METHODS = ("varlen", "varlen_one_frame", "singles", "host", "padded", "cudnn", "flex_document")
+METHODS = (
+    "varlen",
+    "varlen_one_frame",
+    "singles",
+    "singles_packed",
+    "host",
+    "padded",
+    "cudnn",
+    "flex_document",
+)
 
 
 def measure(lengths: list[int], options: dict, methods: list[str]) -> dict:
@@ -125,6 +137,13 @@ def measure(lengths: list[int], options: dict, methods: list[str]) -> dict:
         for s in sequences:
             flexpbs.attention(*s, **options)
 
+    starts = [0, *itertools.accumulate(lengths)]
+    views = [tuple(x[a:b].transpose(0, 1)[None] for x in (q, k, v)) for a, b in itertools.pairwise(starts)]
+
+    def singles_packed():  # what a caller holding the packed tensors passes: strided [1, H, N, D] views
+        for s in views:
+            flexpbs.attention(*s, **options)
+
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             for s in sequences:
@@ -134,6 +153,7 @@ def measure(lengths: list[int], options: dict, methods: list[str]) -> dict:
         "varlen": lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **options),
         "varlen_one_frame": lambda: flexpbs.varlen_attention(q, k, v, cu, cu, **maxima, **options),
         "singles": singles,
+        "singles_packed": singles_packed,
         "cudnn": cudnn,
     }
     for name in methods:
@@ -199,7 +219,15 @@ def run(args: argparse.Namespace) -> None:
                 json.dump(result, f, indent=1)
     columns = [
         m
-        for m in ("varlen", "varlen_one_frame", "singles", "padded", "cudnn", "flex_document")
+        for m in (
+            "varlen",
+            "varlen_one_frame",
+            "singles",
+            "singles_packed",
+            "padded",
+            "cudnn",
+            "flex_document",
+        )
         if m in args.methods
     ]
     print(
