@@ -72,10 +72,15 @@ def measure(
     and flexpbs's densities and the path its defaults took. ``other_dense=False`` times cuDNN as the
     only dense method (SDPA's default and FA2 are None)."""
     row: dict = {"n": q.shape[2]}
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        row["cudnn"] = cuda_ms(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        )
+
+    def cudnn_ms() -> float:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+    def defaults_ms() -> float:
+        return cuda_ms(lambda: flexpbs.attention(q, k, v, threshold=threshold))
+
+    row["cudnn"] = cudnn_ms()
     row["sdpa_default"] = row["fa2"] = None
     if other_dense:
         row["sdpa_default"] = cuda_ms(
@@ -89,17 +94,14 @@ def measure(
         row[f"pbs_{backend}"] = cuda_ms(lambda options=options: flexpbs.attention(q, k, v, **options))
     _, stats = flexpbs.attention(q, k, v, threshold=threshold, return_stats=True)
     row["defaults_path"] = "dense" if stats.dense else stats.backend
-    row["defaults"] = cuda_ms(lambda: flexpbs.attention(q, k, v, threshold=threshold))
+    row["defaults"] = defaults_ms()
     if stats.dense:
         # the defaults run cuDNN's own kernel: their ratio is the spread of repeated timings (up to 6% in
         # one run, session 9), so both are timed again in alternation and their medians kept
         cudnn, defaults = [row["cudnn"]], [row["defaults"]]
         for _ in range(DENSE_ROUNDS - 1):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cudnn.append(
-                    cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-                )
-            defaults.append(cuda_ms(lambda: flexpbs.attention(q, k, v, threshold=threshold)))
+            cudnn.append(cudnn_ms())
+            defaults.append(defaults_ms())
         row["cudnn"], row["defaults"] = statistics.median(cudnn), statistics.median(defaults)
     return row
 

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 import flexpbs
 import flexpbs.pipeline
+import flexpbs.rows
 import flexpbs.sparse_attention
 import flexpbs.varlen
 from flexpbs.varlen import frame_groups
@@ -119,7 +120,8 @@ def counted() -> Traffic:
         stack.enter_context(
             mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", meta_flex_attention)
         )
-        stack.enter_context(mock.patch.object(flexpbs.varlen, "copy_rows", row_kernel))
+        for module in (flexpbs.rows, flexpbs.varlen):  # rows.to_frame, and varlen's output rows
+            stack.enter_context(mock.patch.object(module, "copy_rows", row_kernel))
         stack.enter_context(mock.patch.object(flexpbs.pipeline, "key_importance", meta_triton_importance))
         for module, name, label in STAGES:
             stack.enter_context(mock.patch.object(module, name, staged(getattr(module, name), label)))

@@ -14,7 +14,7 @@ import torch
 
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.lengths import frame_length
-from flexpbs.rows import copy_rows, frame_layout
+from flexpbs.rows import copy_rows, frame_layout, to_frame
 from flexpbs.varlen import FrameShape, frame_attention
 
 
@@ -98,11 +98,12 @@ def padded_attention(
     out_source = torch.where(valid_q, rows * frame + frame_row, -1).flatten()
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            _to_frame(query[:, q_heads], query_source, frame),
-            _to_frame(key[:, kv_heads], key_source, frame),
-            _to_frame(value[:, kv_heads], key_source, frame),
+        parts = (
+            (query[:, q_heads], query_source),
+            (key[:, kv_heads], key_source),
+            (value[:, kv_heads], key_source),
         )
+        return tuple(to_frame(x, frame_layout(x), source, batch, frame) for x, source in parts)
 
     out = query.new_empty(*query.shape[:3], value.shape[3])
 
@@ -124,11 +125,3 @@ def _pad_to(index: torch.Tensor, length: int) -> torch.Tensor:
     return (
         torch.nn.functional.pad(index, (0, length - index.shape[-1])) if length > index.shape[-1] else index
     )
-
-
-def _to_frame(padded: torch.Tensor, source: torch.Tensor, frame: int) -> torch.Tensor:
-    """``padded [B, H, n, D]`` -> ``[B, H, frame, D]``: slot ``b * frame + p`` holds row ``source[...]``
-    (``b' * n + index`` of the padded tensor), zeros where it is -1."""
-    out = padded.new_empty(padded.shape[0], padded.shape[1], frame, padded.shape[3])
-    copy_rows(padded, frame_layout(padded), source, out, frame_layout(out))
-    return out

@@ -65,12 +65,23 @@ def copy_rows(
 
         triton_copy_rows(src, src_layout, src_rows, dst, dst_layout, dst_rows, heads, head_dim)
         return
-    source = _blocks(src, src_layout, heads, head_dim)
-    picked = source[src_rows.clamp_min(0) // src_layout.length, src_rows.clamp_min(0) % src_layout.length]
+    source, existing = _blocks(src, src_layout, heads, head_dim), src_rows.clamp_min(0)
+    picked = source[existing // src_layout.length, existing % src_layout.length]
     picked = picked.masked_fill((src_rows < 0)[:, None, None], 0)
     target = _blocks(dst, dst_layout, heads, head_dim)
     rows = torch.arange(src_rows.shape[0], device=dst.device) if dst_rows is None else dst_rows
     target[rows // dst_layout.length, rows % dst_layout.length] = picked
+
+
+def to_frame(
+    src: torch.Tensor, src_layout: RowLayout, source: torch.Tensor, batch: int, frame: int
+) -> torch.Tensor:
+    """A new ``[batch, H, frame, D]`` frame of ``src``'s rows (``src``: heads on dim 1, as
+    :func:`copy_rows` takes it): slot ``b * frame + p`` holds row ``source[b * frame + p]``, zeros where
+    it is -1. Each slot is written once (no zero fill first)."""
+    out = src.new_empty(batch, src.shape[1], frame, src.shape[-1])
+    copy_rows(src, src_layout, source, out, frame_layout(out))
+    return out
 
 
 def _blocks(x: torch.Tensor, layout: RowLayout, heads: int, head_dim: int) -> torch.Tensor:

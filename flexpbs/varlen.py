@@ -25,7 +25,7 @@ from flexpbs.lengths import SequenceLengths, frame_length
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import identity_permutation
 from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
-from flexpbs.rows import copy_rows, frame_layout, packed_layout
+from flexpbs.rows import copy_rows, frame_layout, packed_layout, to_frame
 from flexpbs.sparse_attention import check_block_size
 from flexpbs.tile_grid import cdiv, density
 from flexpbs.validation import FLOAT_DTYPES
@@ -193,11 +193,12 @@ def _one_frame(
     )
 
     def frames(q_heads: slice, kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            _to_frame(query[:, q_heads], query_source, batch, frame),
-            _to_frame(key[:, kv_heads], key_source, batch, frame),
-            _to_frame(value[:, kv_heads], key_source, batch, frame),
+        parts = (
+            (query[:, q_heads], query_source),
+            (key[:, kv_heads], key_source),
+            (value[:, kv_heads], key_source),
         )
+        return tuple(to_frame(x, packed_layout(x), source, batch, frame) for x, source in parts)
 
     def unframe(frame_out: torch.Tensor, q_heads: slice) -> None:  # the query rows alone
         rows = out[:, q_heads]
@@ -342,14 +343,6 @@ def _slots(starts: torch.Tensor, lengths: torch.Tensor, total: int, frame: int) 
     before = lengths.cumsum(0) - lengths  # positions of the earlier rows
     offset = torch.arange(total, device=lengths.device) - before[row]
     return row * frame + starts[row] + offset
-
-
-def _to_frame(packed: torch.Tensor, source: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
-    """``packed [T, H, D]`` -> ``[B, H, L, D]`` frame: slot s holds packed row ``source[s]``, zeros
-    where it is -1. Written straight in the frame's layout, each slot once (no zero fill first)."""
-    out = packed.new_empty(batch, packed.shape[1], frame, packed.shape[2])
-    copy_rows(packed, packed_layout(packed), source, out, frame_layout(out))
-    return out
 
 
 def _check_packed(
