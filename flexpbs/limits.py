@@ -30,6 +30,9 @@ class Limits:
     frame_share, frame_short_keys: packed batches whose offsets are read run in several frames
         (:func:`flexpbs.varlen.frame_groups`): a sequence shares the frame of a longer one when it has
         at least ``frame_share`` of its keys, or when that one has at most ``frame_short_keys``.
+    frame_share, frame_short_keys: packed batches whose offsets are read run in several frames
+        (:func:`flexpbs.varlen.frame_groups`): a sequence shares the frame of a longer one when it has
+        at least ``frame_share`` of its keys, or when that one has at most ``frame_short_keys``.
     split_row_bytes: extra memory the attention stage may use to run a single permutation row (batch
         1, one KV head: MQA models, head chunks) as two rows, which shares the compiled graph of every
         other call; above it such a call has a graph of its own (:mod:`flexpbs.sparse_attention`).
@@ -42,7 +45,6 @@ class Limits:
     max_bands: int = 8
     mask_check_elements: int = 2**24
     max_table_tiles: int = 2**31
-    split_row_bytes: int = 2**30
     frame_share: float = 0.7
     frame_short_keys: int = 16384
 

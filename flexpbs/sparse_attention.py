@@ -9,7 +9,10 @@ fast as a static one (both checked on the GPU, bench/RESULTS.md):
 - the mask_mod is the causal test on a table of original positions (:func:`causal_mask_mod`): the
   compiled kernel calls it only on listed partial blocks, where the tile lookup is always true;
 - query and key lengths get separate symbols (no duck sizing), so prefill and chunks share the graph;
-  at least two query blocks are passed, so no length dimension is ever 1 (which dynamo specialises).
+  at least two query blocks are passed, so no length dimension is ever 1 (which dynamo specialises);
+- each permutation row is a batch element of its own, and the graph is first traced with a single row
+  under size-oblivious shapes (:func:`_prime`), so one graph serves every row count: batch sizes, head
+  chunks and single rows (MQA models, one KV head per chunk) alike.
 
 On the CPU, inductor's FlexAttention template cannot compile a mask_mod that reads a table of dynamic
 length: there the position table has a static capacity, the next power of two of at least
@@ -20,6 +23,8 @@ key blocks (their output is dropped).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch._dynamo
 import torch.fx.experimental._config as fx_config
@@ -27,7 +32,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexpbs.block_mask import block_lists, causal_mask_mod
-from flexpbs.limits import LIMITS
 from flexpbs.tile_grid import cdiv
 
 # Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
@@ -222,14 +226,8 @@ def _folded_flex(
     """
     batch, q_heads = query.shape[:2]
     rows = batch * key_p.shape[1]
-    if rows == 1 and split_cost_bytes(query.shape, key_p.shape, value_p.shape[-1], query.element_size()) <= (
-        LIMITS.split_row_bytes
-    ):
-        length = query.shape[2]
-        two_rows = _as_two_rows(query, key_p, value_p, lists, positions, block_size)
-        out = _folded_flex(*two_rows, block_size, scale, kernel_options, dynamic_table)
-        return torch.cat([out[0:1], out[1:2]], dim=2)[:, :, :length]
     group = q_heads // key_p.shape[1]
+    _prime(query, value_p.shape[-1], group, positions, block_size, scale, kernel_options, dynamic_table)
     q_f = _contiguous(query, (rows, group, *query.shape[2:]))
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
     lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
@@ -237,19 +235,12 @@ def _folded_flex(
         max(x[0].numel() for x in (q_f, k_f, v_f, lists_f[1], lists_f[3]))
         + group * query.shape[2] * value_p.shape[-1]
     )
-    # nearly equal slices: a slice of one batch element would be a graph of its own (0/1 specialisation)
+    # nearly equal slices
     slices = cdiv(rows, max(1, _MAX_CALL_ELEMENTS // per_row))
     outs = []
     for part in zip(*(x.tensor_split(slices) for x in (q_f, k_f, v_f, *lists_f, p_f)), strict=True):
-        # batch and lengths are dynamic; the position table's length only on CUDA
-        dynamic_dims = [(0, 2)] * 4 + [(0, 2, 3), (0, 2), (0, 2, 3), (0, 2) if dynamic_table else (0,)]
-        for x, dims in zip(part, dynamic_dims, strict=True):
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(x, dim)
-        with (
-            torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT),
-            fx_config.patch(use_duck_shape=False),
-        ):
+        _mark_dynamic(part, dynamic_table)
+        with _compile_config():
             outs.append(
                 compiled_flex_call(*part[:3], tuple(part[3:7]), part[7], block_size, scale, kernel_options)
             )
@@ -257,44 +248,74 @@ def _folded_flex(
     return out.view(batch, q_heads, *out.shape[2:])
 
 
-def split_cost_bytes(q_shape: torch.Size, k_shape: torch.Size, value_dim: int, element_size: int) -> int:
-    """Extra bytes a single row run as two takes (:func:`_as_two_rows`): copies of the query in halves
-    and of the key and value for two rows, and the output joined from its halves."""
-    heads, n_queries, head_dim = q_shape[1:]
-    kv_copies = 2 * k_shape[2] * (head_dim + value_dim)
-    return element_size * (heads * n_queries * (head_dim + value_dim) + kv_copies)
+# Query and key blocks of the priming call: two or three blocks hit a bug of the CPU template under
+# size-oblivious shapes (a C++ compile error); eight compile.
+_PRIME_BLOCKS = 8
 
 
-def _as_two_rows(
+def _compile_config() -> contextlib.AbstractContextManager:
+    """Dynamo settings of the compiled call: its own recompile limit, separate length symbols (no duck
+    sizing), and size-oblivious sizes, so that a graph first traced with one row serves every row count
+    (dynamo specialises a dimension of size 1 otherwise)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT))
+    stack.enter_context(fx_config.patch(use_duck_shape=False, backed_size_oblivious=True))
+    return stack
+
+
+# Graph keys primed in this process (:func:`_prime`).
+_PRIMED: set[tuple] = set()
+
+
+def _prime(
     query: torch.Tensor,
-    key_p: torch.Tensor,
-    value_p: torch.Tensor,
-    lists: tuple[torch.Tensor, ...],
+    value_dim: int,
+    group: int,
     positions: torch.Tensor,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """:func:`_folded_flex`'s inputs of a single permutation row (batch 1, one key head) as two rows,
-    the two halves of its query blocks over the same keys: a batch dimension of 1 would be a graph of
-    its own (0/1 specialisation), a second compile for one-KV-head models and head chunks. The second
-    half's original positions are shifted by the first half's length, so the causal test is unchanged.
-    The output's halves, joined along the length and cut to ``query``'s, are the row's output."""
-    length = query.shape[2]
-    half = max(2, cdiv(length // block_size, 2))  # query blocks per half, two at least (see above)
-    extra = 2 * half * block_size - length
-    if extra:  # padded query blocks have no key block in the lists: their rows come out 0, then go
-        query = F.pad(query, (0, 0, 0, extra))
-        lists = tuple(F.pad(x, (0, 0) * (x.dim() - 3) + (0, 2 * half - x.shape[2])) for x in lists)
-
-    def halves(x: torch.Tensor) -> torch.Tensor:  # [1, H, 2 * L, ...] -> [2, H, L, ...]
-        return x.unflatten(2, (2, -1)).movedim(2, 0).flatten(0, 1)
-
-    return (
-        halves(query),
-        key_p.expand(2, *key_p.shape[1:]),
-        value_p.expand(2, *value_p.shape[1:]),
-        tuple(halves(x) for x in lists),
-        torch.cat([positions, positions - half * block_size]),
+    scale: float,
+    kernel_options: dict | None,
+    dynamic_table: bool,
+) -> None:
+    """Before a graph's first call, a call of one small row that computes no block: traced with one row,
+    size-oblivious, the graph serves every row count, single permutation rows (batch 1 with one KV head
+    per chunk) included; traced first with two or more rows it would not serve one. The key holds what
+    the graph is specialised on."""
+    key = (
+        query.device,
+        query.dtype,
+        group,
+        query.shape[-1],
+        value_dim,
+        block_size,
+        scale,
+        tuple(sorted((kernel_options or {}).items())),
+        None if dynamic_table else positions.shape[-1],
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
     )
+    if key in _PRIMED:
+        return
+    _PRIMED.add(key)
+    blocks, length = _PRIME_BLOCKS, _PRIME_BLOCKS * block_size
+    q = query.new_zeros(1, group, length, query.shape[-1])
+    k = query.new_zeros(1, 1, length, query.shape[-1])
+    v = query.new_zeros(1, 1, length, value_dim)
+    counts = torch.zeros(1, group, blocks, dtype=torch.int32, device=query.device)
+    indices = torch.zeros(1, group, blocks, blocks, dtype=torch.int32, device=query.device)
+    table = positions.new_zeros(1, 1, length if dynamic_table else positions.shape[-1])
+    part = (q, k, v, counts, indices, counts.clone(), indices.clone(), table)
+    _mark_dynamic(part, dynamic_table)
+    with _compile_config():
+        compiled_flex_call(*part[:3], tuple(part[3:7]), part[7], block_size, scale, kernel_options)
+
+
+def _mark_dynamic(part: tuple[torch.Tensor, ...], dynamic_table: bool) -> None:
+    """Rows and lengths of a call's tensors are dynamic; the position table's length only on CUDA."""
+    dynamic_dims = [(0, 2)] * 4 + [(0, 2, 3), (0, 2), (0, 2, 3), (0, 2) if dynamic_table else (0,)]
+    for x, dims in zip(part, dynamic_dims, strict=True):
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(x, dim)
 
 
 def _contiguous(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -15,18 +15,15 @@ machine reuses it, which makes its warm-up much shorter.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import time
 
 import torch
 
 from flexpbs.config import PBSConfig
-from flexpbs.limits import LIMITS, override
-from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
+from flexpbs.pipeline import pbs_attention
 from flexpbs.rows import compile_copy_rows
-from flexpbs.sparse_attention import CPU_MIN_CAPACITY, split_cost_bytes
+from flexpbs.sparse_attention import CPU_MIN_CAPACITY
 
 # The longest prompt a CUDA warm-up prepares for by default.
 CUDA_LONGEST = 2**19
@@ -55,11 +52,9 @@ def warmup(
         query_heads, kv_heads, head_dim: Hq, Hkv and D of the later calls (Hq a multiple of Hkv).
         dtype, device, batch: of the later calls' query, key and value.
         value_dim: Dv, ``head_dim`` when None.
-        max_seq_len: the longest key length to prepare for. On CUDA one graph serves every length,
-            except, at batch 1, for lengths whose head chunks hold a single KV head too long to run
-            as two rows (``LIMITS.split_row_bytes``): they need a second graph, which the warm-up
-            compiles when ``max_seq_len`` reaches them (None: 524288). On the CPU the graph also has
-            a capacity per power of two (None: lengths up to 4096 keys).
+        max_seq_len: on the CPU, the longest key length to prepare for: the graph has a position
+            table of a static capacity per power of two (None: lengths up to 4096 keys). On CUDA one
+            graph serves every length, batch size and head chunk: not needed.
         config, **options: the options of the later calls (see :class:`PBSConfig`), not both.
 
     Returns:
@@ -83,8 +78,8 @@ def warmup(
     device = torch.device(device)
     start = time.perf_counter()
     # The shortest lengths that run the sparse path: a prompt and a chunk (which must reuse the graph).
-    # The attention stage folds (batch, KV head) into a dynamic batch dimension of at least 2, so other
-    # batch sizes and the pipeline's head chunks share the graph.
+    # The attention stage folds (batch, KV head) into a dynamic batch dimension that serves every row
+    # count (flexpbs.sparse_attention._prime), so other batch sizes and head chunks share the graph.
     n = 4 * cfg.segment_size
     calls = [(n, n), (n // 2 + 1, n)]
     if device.type != "cuda" and max_seq_len is not None:
@@ -92,50 +87,14 @@ def warmup(
         while capacity < 2 * max_seq_len:  # one call per power-of-two capacity up to max_seq_len
             calls.append((cfg.block_size, capacity // 2 + 1))
             capacity *= 2
-    longest = max_seq_len or (CUDA_LONGEST if device.type == "cuda" else CPU_MIN_CAPACITY)
     value_dim = value_dim or head_dim
-    shape = (batch, query_heads, kv_heads, head_dim, value_dim)
-    single_row = _single_row_graph_needed(*shape, dtype, cfg, longest)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for (n_queries, n_keys), single in itertools.product(calls, (False, True) if single_row else (False,)):
-        # a single permutation row (one KV head at batch 1) too long to run as two rows: its own graph
-        heads = 1 if single else kv_heads
-        q_heads = query_heads // kv_heads * heads
-        q = torch.randn(batch, q_heads, n_queries, head_dim, generator=gen).to(device, dtype)
-        k = torch.randn(batch, heads, n_keys, head_dim, generator=gen).to(device, dtype)
-        v = torch.randn(batch, heads, n_keys, value_dim, generator=gen).to(device, dtype)
-        with override(split_row_bytes=0) if single else contextlib.nullcontext():
-            pbs_attention(q, k, v, cfg, return_stats=False)
+    for n_queries, n_keys in calls:
+        q = torch.randn(batch, query_heads, n_queries, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(batch, kv_heads, n_keys, value_dim, generator=gen).to(device, dtype)
+        pbs_attention(q, k, v, cfg, return_stats=False)
     compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def _single_row_graph_needed(
-    batch: int,
-    query_heads: int,
-    kv_heads: int,
-    head_dim: int,
-    value_dim: int,
-    dtype: torch.dtype,
-    cfg: PBSConfig,
-    longest: int,
-) -> bool:
-    """Whether calls up to ``longest`` keys run a single permutation row (batch 1 and one KV head per
-    head chunk, each query head its own row with ``gqa="per_head"``) that is too long to split in two
-    rows (``LIMITS.split_row_bytes``): then they need a graph of their own. Checked at ``longest``:
-    head chunks only shrink and rows only grow with the length."""
-    per_head = cfg.gqa == "per_head"
-    group = query_heads // kv_heads
-    if batch > 1 or (per_head and group > 1):
-        return False
-    sizes = (1, query_heads, kv_heads, longest, head_dim, value_dim, dtype, cfg.block_size, per_head)
-    try:
-        if kv_heads_per_chunk_of_size(*sizes) > 1:
-            return False
-    except ValueError:  # such a call is refused anyway
-        return False
-    row_shape, key_shape = (1, group, longest, head_dim), (1, 1, longest, head_dim)
-    cost = split_cost_bytes(row_shape, key_shape, value_dim, dtype.itemsize)
-    return cost > LIMITS.split_row_bytes

@@ -58,18 +58,21 @@ def test_warmup_prepares_the_cpu_graphs_up_to_max_seq_len():
     assert graphs() == before
 
 
-def test_warmup_compiles_the_graph_of_single_rows_too_long_to_split():
-    # Batch 1 and head chunks of one KV head (3000 keys, not 512) are single permutation rows; above
-    # LIMITS.split_row_bytes they are not run as two rows, and need a graph of their own.
+def test_single_permutation_rows_share_the_graph():
+    # Batch 1 with one KV head (MQA, or one KV head per chunk) is a single row of the folded batch: the
+    # graph, first traced with one row, serves it without a copy or a graph of its own.
     options = dict(block_size=64, segment_size=128)
-    with flexpbs.limits.override(split_row_bytes=0, min_chunk_bytes=300_000):
-        flexpbs.warmup(4, 2, 16, dtype=torch.float32, device="cpu", **options, threshold=0.7)
-        before = graphs()
-        for n_queries, n in [(3000, 3000), (100, 2000)]:
-            q, k, v = make_qkv(Case(1, 2, 2, n, 16, 64, 128, seed=n))
-            q = q[:, :, n - n_queries :]
-            out = flexpbs.attention(q, k, v, **options, threshold=1.0)
-            torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
+    flexpbs.warmup(4, 2, 16, dtype=torch.float32, device="cpu", **options, threshold=0.7)
+    before = graphs()
+    for n_queries, n, kv_heads in [(3000, 3000, 1), (100, 2000, 1), (700, 700, 2), (1, 900, 1)]:
+        q, k, v = make_qkv(Case(1, kv_heads, 2, n, 16, 64, 128, seed=n))
+        q = q[:, :, n - n_queries :]
+        out = flexpbs.attention(q, k, v, **options, threshold=1.0)
+        torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
+    with flexpbs.limits.override(min_chunk_bytes=0, chunk_share=0.0):  # chunks of one KV head
+        q, k, v = make_qkv(Case(1, 2, 2, 1500, 16, 64, 128, seed=5))
+        out = flexpbs.attention(q, k, v, **options, threshold=1.0)
+        torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
     assert graphs() == before
 
 
