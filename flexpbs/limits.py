@@ -30,12 +30,6 @@ class Limits:
     frame_share, frame_short_keys: packed batches whose offsets are read run in several frames
         (:func:`flexpbs.varlen.frame_groups`): a sequence shares the frame of a longer one when it has
         at least ``frame_share`` of its keys, or when that one has at most ``frame_short_keys``.
-    frame_share, frame_short_keys: packed batches whose offsets are read run in several frames
-        (:func:`flexpbs.varlen.frame_groups`): a sequence shares the frame of a longer one when it has
-        at least ``frame_share`` of its keys, or when that one has at most ``frame_short_keys``.
-    split_row_bytes: extra memory the attention stage may use to run a single permutation row (batch
-        1, one KV head: MQA models, head chunks) as two rows, which shares the compiled graph of every
-        other call; above it such a call has a graph of its own (:mod:`flexpbs.sparse_attention`).
     """
 
     min_chunk_bytes: int = 2**30
