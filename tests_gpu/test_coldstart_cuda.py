@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 
 import flexpbs
 from flexpbs.kernels import importance as kernels
+from flexpbs.limits import override
+from flexpbs.pipeline import kv_heads_per_chunk_of_size
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HEADS, KV_HEADS, D = 8, 2, 128
@@ -65,4 +67,28 @@ def test_new_lengths_and_chunks_compile_nothing_after_warmup(backend):
             compiled[(n_queries, n)] = compiled_variants() - before
             assert not stats.dense and out.shape == (1, HEADS, n_queries, D)
             assert torch.isfinite(out).all()
+    assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_one_kv_head_chunks_compile_nothing_after_warmup(backend):
+    """Long prompts run a KV head at a time (memory); the warm-up, at the default short length, must
+    already cover that: the attention graph's single row and the importance kernels' ``kv_heads == 1``
+    (without the budget override this first happens near 256K tokens on an 80 GB GPU)."""
+    if backend == "flash":
+        pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
+    options = dict(threshold=0.9, backend=backend, min_seq_len=0)
+    with torch.inference_mode():
+        flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
+        compiled = {}
+        for i, (n_queries, n) in enumerate([(9001, 9001), (1024, 20000), (4097, 32768)]):
+            inputs = qkv(n_queries, n, seed=i)
+            whole = flexpbs.attention(*inputs, **options)  # all KV heads in one chunk
+            with override(min_chunk_bytes=0, chunk_share=0.0):  # no budget: one KV head per chunk
+                sizes = (1, HEADS, KV_HEADS, n, D, D, torch.bfloat16, 128, False)
+                assert kv_heads_per_chunk_of_size(*sizes) == 1
+                before = compiled_variants()
+                out = flexpbs.attention(*inputs, **options)
+                compiled[(n_queries, n)] = compiled_variants() - before
+            torch.testing.assert_close(out, whole)
     assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"

@@ -79,9 +79,19 @@ def _stats_update(
     return new_max, row_sum
 
 
-# Integer arguments that change with the lengths are not specialised (Triton would compile a variant
-# per divisibility by 16, or value 1, of each: a JIT compile at a new prompt length).
-_LENGTH_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "n_queries", "n_complete", "rows"]
+# Integer arguments that change with the lengths or the head chunk are not specialised (Triton would
+# compile a variant per divisibility by 16, or value 1, of each: a JIT compile at a new prompt length,
+# or at the first length whose head chunks hold one KV head).
+_LENGTH_ARGS = [
+    "stride_qb",
+    "stride_qh",
+    "stride_kb",
+    "stride_kh",
+    "kv_heads",
+    "n_queries",
+    "n_complete",
+    "rows",
+]
 
 
 @triton.jit(do_not_specialize=[*_LENGTH_ARGS, "tiles_per_split", "stats_per_split"])
