@@ -546,8 +546,10 @@ def launch(
 
     d_pad = max(16, triton.next_power_of_2(head_dim))
     fp32 = query.dtype == torch.float32
-    stats_tiles = _stats_tiles(group * rows, d_pad, fp32)
-    mass_tiles = _mass_tiles(rows * (1 if per_query_head else group), d_pad, per_query_head, fp32)
+    # Tiles sized for a whole last block, whatever the chunk's queries: a tile that shrank with a short
+    # chunk would be a kernel variant of its own, a compile at the first such chunk after the warm-up.
+    stats_tiles = _stats_tiles(group * block_size, d_pad, fp32)
+    mass_tiles = _mass_tiles(block_size * (1 if per_query_head else group), d_pad, per_query_head, fp32)
     if block_m:
         stats_tiles, mass_tiles = stats_tiles._replace(block_m=block_m), mass_tiles._replace(block_m=block_m)
     if block_n:
