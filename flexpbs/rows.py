@@ -93,8 +93,8 @@ def _blocks(x: torch.Tensor, layout: RowLayout, heads: int, head_dim: int) -> to
 
 
 def compile_copy_rows(dtype: torch.dtype, device: torch.device, head_dims: set[int]) -> None:
-    """Compiles :func:`copy_rows`'s kernel variants for ``dtype`` and these head dims on CUDA (both
-    destination modes), so that a packed batch's first call compiles nothing; no-op elsewhere."""
+    """Compiles :func:`copy_rows`'s kernel for ``dtype`` and these head dims on CUDA (one variant serves
+    both directions), so that a packed batch's first call compiles nothing; no-op elsewhere."""
     if device.type != "cuda" or not triton_importable():
         return
     for head_dim in sorted(head_dims):

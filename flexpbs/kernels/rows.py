@@ -20,8 +20,10 @@ _ROWS_PER_PROGRAM = 32
 
 
 # Row counts and lengths change with every batch: not specialised on (a compile per value class).
-# Strides are multiples of the head dim (a compile per divisibility class at most).
-@triton.jit(do_not_specialize=["n_rows", "src_len", "dst_len"])
+# Strides are multiples of the head dim (a compile per divisibility class at most). Both directions
+# (to a frame: destination rows in order; back: listed) share one compiled variant: dst_identity is
+# a runtime flag, not specialised either.
+@triton.jit(do_not_specialize=["n_rows", "src_len", "dst_len", "dst_identity"])
 def _copy_rows_kernel(
     src,
     dst,
@@ -36,16 +38,16 @@ def _copy_rows_kernel(
     dst_sb,
     dst_sl,
     dst_sh,
+    dst_identity,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DST_IDENTITY: tl.constexpr,
 ):
     head = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = i < n_rows
     s = tl.load(src_rows + i, mask=in_range, other=-1)
-    if DST_IDENTITY:
+    if dst_identity != 0:
         r = i
     else:
         r = tl.load(dst_rows + i, mask=in_range, other=0)
@@ -83,9 +85,9 @@ def triton_copy_rows(
         n,
         *src_layout[1:],
         *dst_layout[1:],
+        int(dst_rows is None),
         HEAD_DIM=head_dim,
         BLOCK_R=_ROWS_PER_PROGRAM,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        DST_IDENTITY=dst_rows is None,
         num_warps=4,
     )
