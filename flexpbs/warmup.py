@@ -25,9 +25,6 @@ from flexpbs.pipeline import pbs_attention
 from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
 
-# The longest prompt a CUDA warm-up prepares for by default.
-CUDA_LONGEST = 2**19
-
 
 def warmup(
     query_heads: int,
