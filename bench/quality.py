@@ -89,8 +89,10 @@ def methods(
     segments: list[int],
     families: Iterable[str] = ("dense", "PBS", "noperm"),
     max_shrink: float = 0.1,
+    antidiagonal_stride: int | None = None,
 ) -> list[Method]:
-    """Dense first (when asked), then per segment and family, one method per threshold."""
+    """Dense first (when asked), then per segment and family, one method per threshold;
+    ``antidiagonal_stride`` for the antidiagonal families (None: the option's default)."""
     out = [Method("dense", None)] if "dense" in families else []
     for seg in segments:
         for name, options in FAMILY_OPTIONS.items():
@@ -98,6 +100,9 @@ def methods(
                 continue
             options = {k: max_shrink if v == "{ms}" else v for k, v in options.items()}
             prefix = name.replace("guard", f"guard{max_shrink}")
+            if antidiagonal_stride is not None and options.get("estimator") == "antidiagonal":
+                options["antidiagonal_stride"] = antidiagonal_stride
+                prefix += f"S{antidiagonal_stride}"
             for thr in thresholds:
                 cfg = PBSConfig(threshold=thr, segment_size=seg, min_seq_len=0, **options)
                 out.append(Method(f"{prefix}-s{seg}-t{thr}", cfg))
@@ -436,7 +441,9 @@ def measure(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     tok, model, gguf = load_model()
-    all_methods = methods(args.thresholds, args.segments, args.families, args.max_shrink)
+    all_methods = methods(
+        args.thresholds, args.segments, args.families, args.max_shrink, args.antidiagonal_stride
+    )
     options = {key: str(val) if isinstance(val, Path) else val for key, val in vars(args).items()}
     results: dict = {
         "model": gguf,
@@ -492,6 +499,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="methods to run; without dense there is no per-layer analysis",
     )
     parser.add_argument("--max-shrink", type=float, default=0.1, help="head guard of the 'guard' families")
+    parser.add_argument(
+        "--antidiagonal-stride",
+        type=int,
+        default=None,
+        help="antidiagonal_stride of the PBS+ and noperm+ families (default: the option's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench_out/quality"))
 
