@@ -112,6 +112,7 @@ def test_strided_inputs_and_the_fake_kernel():
     [
         (4, 128, 8, torch.bfloat16),
         (4, 128, 16, torch.bfloat16),
+        (4, 128, 32, torch.bfloat16),
         (1, 64, 8, torch.float16),
         (3, 128, 4, torch.float32),
     ],
