@@ -53,13 +53,20 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "flash"])
-def test_new_lengths_and_chunks_compile_nothing_after_warmup(backend):
+def warmed_up_options(backend: str) -> dict:
+    """The sparse-path options of a test's calls on ``backend``, after ``flexpbs.warmup`` for them (call
+    it in the grad mode of those calls); skips the test where the backend is not installed."""
     if backend == "flash":
         pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
     options = dict(threshold=0.9, backend=backend, min_seq_len=0)
+    flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
+    return options
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_new_lengths_and_chunks_compile_nothing_after_warmup(backend):
     with torch.inference_mode():
-        flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
+        options = warmed_up_options(backend)
         compiled = {}
         for i, (n_queries, n) in enumerate(SHAPES):
             before = compiled_variants()
@@ -75,11 +82,8 @@ def test_one_kv_head_chunks_compile_nothing_after_warmup(backend):
     """Long prompts run a KV head at a time (memory); the warm-up, at the default short length, must
     already cover that: the attention graph's single row and the importance kernels' ``kv_heads == 1``
     (without the budget override this first happens near 256K tokens on an 80 GB GPU)."""
-    if backend == "flash":
-        pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
-    options = dict(threshold=0.9, backend=backend, min_seq_len=0)
     with torch.inference_mode():
-        flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
+        options = warmed_up_options(backend)
         compiled = {}
         for i, (n_queries, n) in enumerate([(9001, 9001), (1024, 20000), (4097, 32768)]):
             inputs = qkv(n_queries, n, seed=i)
