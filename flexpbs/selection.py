@@ -218,6 +218,18 @@ def _force_into(
     by_perm_row.scatter_(-1, sink[:, :, None, None, None].expand(*by_perm_row.shape[:-1], 1), True)
 
 
+def _span_end(bands: list[tuple[int, int, int]], first: int, bytes_per_cell: int) -> int:
+    """End index of the bands from ``bands[first]`` whose scores fit ``LIMITS.step_bytes`` together:
+    ``(end row - first row) * end column * bytes_per_cell``; at least one band."""
+    end = first + 1
+    while end < len(bands):
+        r1, columns = bands[end][1], bands[end][2]
+        if (r1 - bands[first][0]) * columns * bytes_per_cell > LIMITS.step_bytes:
+            break
+        end += 1
+    return end
+
+
 def select_tiles(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -287,14 +299,42 @@ def select_tiles(
         # once: bands slice them
         bias, ranks = _candidate_bias(row_candidates), _candidate_ranks(row_candidates, grid.columns)
         block_bias = _candidate_bias(candidates)
-        for r0, r1, columns in row_bands(
+        bands = row_bands(
             q_blocks, n_blocks, first_query_block, segment_size // block_size, own_segment=False
-        ):
+        )
+
+        def scores(r0: int, r1: int, columns: int, h0: int, h1: int) -> torch.Tensor:
+            # [B, h1 - h0, (r1 - r0) * group, columns] antidiagonal scores of query blocks r0..r1
+            return antidiagonal_scores(
+                query[:, h0 * group : h1 * group],
+                key_p[:, h0:h1],
+                first_block=r0,
+                end_block=r1,
+                columns=columns,
+                bias=block_bias[r0:r1, :columns],
+                block_size=block_size,
+                stride=stride,
+                scale=scale,
+                lead=offset % block_size,
+                lengths=lengths,
+            )
+
+        span = (0, 0, None)  # (first row, end row, scores of all heads) of bands scored in one launch
+        for band, (r0, r1, columns) in enumerate(bands):
             rows = slice(r0 * group, r1 * group)
             per_head = (
                 batch * (r1 - r0) * group * columns * 20
             )  # probs, sorted values, their sums, int64 order
             step = max(1, LIMITS.step_bytes // per_head)
+            if estimator == "antidiagonal" and step >= perm_heads and r1 > span[1]:
+                # One kernel launch for as many bands as fit: a launch per band leaves SMs idle at
+                # its tail, and the kernel stops each query block at its own candidates anyway.
+                end = _span_end(bands, band, batch * q_heads * 4)
+                span = (
+                    r0,
+                    bands[end - 1][1],
+                    scores(r0, bands[end - 1][1], bands[end - 1][2], 0, perm_heads),
+                )
             for h0 in range(0, perm_heads, step):
                 heads = slice(h0, h0 + step)
                 # every row of a band has a candidate: the first band starts in the second segment
@@ -302,20 +342,12 @@ def select_tiles(
                     probs = _candidate_softmax(
                         q_rows[:, heads, rows], k_cols[:, heads, :, :columns], bias[rows, :columns], scale
                     )
+                elif span[0] <= r0 and r1 <= span[1]:
+                    # a copy: sorted in place below
+                    probs = span[2][:, heads, (r0 - span[0]) * group : (r1 - span[0]) * group, :columns]
+                    probs = probs.contiguous()
                 else:
-                    probs = antidiagonal_scores(
-                        query[:, h0 * group : (h0 + step) * group],
-                        key_p[:, heads],
-                        first_block=r0,
-                        end_block=r1,
-                        columns=columns,
-                        bias=block_bias[r0:r1, :columns],
-                        block_size=block_size,
-                        stride=stride,
-                        scale=scale,
-                        lead=offset % block_size,
-                        lengths=lengths,
-                    )
+                    probs = scores(r0, r1, columns, h0, min(h0 + step, perm_heads))
                 out = by_rows[:, heads, r0:r1, :, :columns]
                 _threshold_into(
                     out, probs.view(out.shape), ranks[rows, :columns].view(out.shape[2:]), threshold

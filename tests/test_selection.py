@@ -179,13 +179,22 @@ def test_partial_last_block_is_pooled_over_real_tokens():
     n=st.integers(2049, 4096),
     seg_blocks=st.sampled_from([1, 2, 3]),
     threshold=st.sampled_from([0.5, 0.9, 0.99]),
+    estimator=st.sampled_from(["mean_pool", "antidiagonal"]),
+    budget=st.sampled_from([0.2, 0.6, 1.0]),
 )
-def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, threshold):
+def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, threshold, estimator, budget):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 4, n, 16, generator=gen)
     k_p = torch.randn(1, 2, n, 16, generator=gen)
     perm = torch.arange(n).expand(1, 2, n)
-    options = dict(block_size=8, segment_size=8 * seg_blocks, threshold=threshold, scale=0.25)
+    options = dict(
+        block_size=8,
+        segment_size=8 * seg_blocks,
+        threshold=threshold,
+        scale=0.25,
+        estimator=estimator,
+        stride=4,
+    )
     chunk = q[:, :, 37:]  # a chunk: query blocks aligned to key blocks 4.. (offset 37, block 8)
     banded = select_tiles(q, k_p, perm, **options)  # nb >= 257: several bands
     banded_chunk = select_tiles(chunk, k_p, perm, **options)
@@ -193,8 +202,14 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
     with flexpbs.limits.override(max_bands=1):  # one band of whole rows
         whole = select_tiles(q, k_p, perm, **options)
         whole_chunk = select_tiles(chunk, k_p, perm, **options)
+    # byte budgets (a share of all rows' float32 scores): antidiagonal scores of one band, of several
+    # bands in one call, of all; below one band's sort, a call per KV head
+    with flexpbs.limits.override(step_bytes=int(budget * 4 * 4 * nb * nb)):
+        spans = select_tiles(q, k_p, perm, **options)
+        spans_chunk = select_tiles(chunk, k_p, perm, **options)
     assert nb >= 257 and torch.equal(banded, whole)
     assert torch.equal(banded_chunk, whole_chunk)
+    assert torch.equal(spans, whole) and torch.equal(spans_chunk, whole_chunk)
 
 
 @settings(max_examples=25, deadline=None)
@@ -206,16 +221,19 @@ def test_row_bands_select_exactly_what_whole_rows_select(seed, n, seg_blocks, th
     n=st.integers(1, 1200),
     offset=st.integers(0, 300),
     threshold=st.sampled_from([0.5, 0.9]),
+    estimator=st.sampled_from(["mean_pool", "antidiagonal"]),
 )
 def test_head_chunks_select_exactly_what_all_heads_at_once_select(
-    seed, batch, kv_heads, group, n, offset, threshold
+    seed, batch, kv_heads, group, n, offset, threshold, estimator
 ):
     """A byte budget below one KV head's rows: every head chunk is one KV head (and its query heads)."""
     gen = torch.Generator().manual_seed(seed)
     k_p = torch.randn(batch, kv_heads, n + offset, 16, generator=gen)
     q = torch.randn(batch, kv_heads * group, n, 16, generator=gen)
     perm = torch.arange(n + offset).expand(batch, kv_heads, -1)
-    options = dict(block_size=16, segment_size=32, threshold=threshold, scale=0.5)
+    options = dict(
+        block_size=16, segment_size=32, threshold=threshold, scale=0.5, estimator=estimator, stride=4
+    )
     whole = select_tiles(q, k_p, perm, **options)
     with flexpbs.limits.override(step_bytes=1):
         chunked = select_tiles(q, k_p, perm, **options)
