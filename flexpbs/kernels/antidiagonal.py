@@ -228,6 +228,9 @@ def _antidiagonal_kernel(
         tl.store(out_rows[:, None] + jj[None, :], per_tile, mask=mask)
 
 
+# Programs per SM a launch gets at least (query blocks go in several launches to bound the scratch).
+_MIN_PROGRAMS_PER_SM = 4
+
 # Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
 # of one program's logit tile. A program streams its candidate keys once per pass, so more rows per
 # program mean fewer passes over the keys; more columns mean fewer reloads of the query rows.
@@ -280,9 +283,14 @@ def launch(
     chunks = triton.cdiv(group, tile["HEADS"])
     head_programs = batch * perm_heads * chunks
     # Each program keeps one log-sum-exp per (row, key block) in a scratch of its own, so the query
-    # blocks go in launches whose scratch stays within LIMITS.step_bytes, reused by the next launch.
+    # blocks go in launches whose scratch stays within LIMITS.step_bytes, reused by the next launch;
+    # a launch still gets a few programs per SM (its scratch then passes the step: long prompts).
     program_bytes = rows * max(columns, 1) * 4
-    per_launch = max(1, LIMITS.step_bytes // (head_programs * program_bytes)) * tile["QB"]
+    groups = LIMITS.step_bytes // (head_programs * program_bytes)
+    if query.is_cuda:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        groups = max(groups, triton.cdiv(_MIN_PROGRAMS_PER_SM * sms, head_programs))
+    per_launch = max(1, groups) * tile["QB"]
     per_launch = min(per_launch, triton.cdiv(blocks, tile["QB"]) * tile["QB"])
     scratch = torch.empty(
         triton.cdiv(per_launch, tile["QB"]) * head_programs * rows * max(columns, 1),
