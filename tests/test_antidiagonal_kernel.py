@@ -13,6 +13,7 @@ from hypothesis import strategies as st  # noqa: E402
 from flexpbs.antidiagonal import tile_scores  # noqa: E402
 from flexpbs.kernels.antidiagonal import triton_tile_scores  # noqa: E402
 from flexpbs.lengths import SequenceLengths  # noqa: E402
+from flexpbs.limits import override  # noqa: E402
 from flexpbs.selection import candidate_tiles  # noqa: E402
 from flexpbs.tile_grid import cdiv  # noqa: E402
 
@@ -124,3 +125,17 @@ def test_production_tile_shapes(group, head_dim, stride, dtype):
     k = torch.randn(1, 2, 1100, head_dim, generator=gen).to(dtype).to(DEVICE)
     args = _arguments(1100, 1100, 128, 256, stride, head_dim)
     torch.testing.assert_close(triton_tile_scores(q, k, **args), tile_scores(q, k, **args), **TOL)
+
+
+@pytest.mark.parametrize("step_bytes", [1, 40_000])
+def test_query_blocks_in_several_launches(step_bytes):
+    # the per-program scratch bounded by LIMITS.step_bytes: one query-block group per launch (1 byte),
+    # or a few; every launch reuses the scratch of the one before
+    gen = torch.Generator().manual_seed(step_bytes)
+    q = (torch.randn(2, 6, 200, 32, generator=gen) * 3).to(DEVICE)
+    k = torch.randn(2, 2, 200, 32, generator=gen).to(DEVICE)
+    args = _arguments(200, 200, 16, 32, 4, 32)
+    want = tile_scores(q, k, **args)
+    with override(step_bytes=step_bytes):
+        got = triton_tile_scores(q, k, **args)
+    torch.testing.assert_close(got, want, **TOL)

@@ -2,14 +2,19 @@
 
 Computes what :func:`flexpbs.antidiagonal.tile_scores` defines without holding any strided logits in
 memory. One program takes a KV head, the query heads of its group (with several query blocks when the
-group is small) and makes two passes over the candidate key blocks, a tile of several key blocks at a
-time (``TILE_ROWS`` x ``TILE_COLUMNS`` strided logits), so it streams those keys once per pass.
+group is small) and streams the candidate key blocks once, a tile of several key blocks at a time
+(``TILE_ROWS`` x ``TILE_COLUMNS`` strided logits). A tile's logits are S dot products, one per offset t
+of the antidiagonal, of the rows' queries at S-1-t with the columns' keys at t.
 
-1. For each strided row, the running max and sum of ``exp2`` of its strided logits (online softmax). A
-   tile's logits are S dot products, one per offset t of the antidiagonal, of the rows' queries at
-   S-1-t with the columns' keys at t.
-2. The logits again, as probabilities, summed over each key block's strided columns and averaged over
-   the strided rows that hold a query: one score per (query block, key block), written to the output.
+1. For each strided row, the running max and sum of ``exp2`` of its logits (online softmax), and for
+   each key block the log-sum-exp of the row's logits over the block's strided columns, stored in the
+   program's scratch (``[rows, key blocks]`` float32, R = B / S times fewer values than the logits).
+2. With the row's normaliser known, each block's share is ``exp2(block lse - row lse)``; averaged over
+   the strided rows that hold a query, one score per (query block, key block), written to the output.
+   No second pass over the keys (the kernel before this one recomputed every logit for it).
+
+The scratch of a launch is bounded by ``LIMITS.step_bytes``: query blocks go in several launches when
+the programs of all of them would need more.
 
 Candidates are a prefix of the key blocks (the blocks of earlier segments), so each program loops up to
 the largest count of its query blocks; columns past a block's own count stay 0. Logits are in base 2
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 
 from flexpbs.lengths import SequenceLengths
+from flexpbs.limits import LIMITS
 
 _LOG2E = math.log2(math.e)
 # Read once, like triton.jit does when it decides whether to interpret the kernels below.
@@ -91,11 +97,13 @@ def _tile_logits(
     return tl.where(valid, acc * logit_scale, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["n_keys", "lead", "first_block", "n_blocks"])
+@triton.jit(do_not_specialize=["n_keys", "lead", "first_block", "n_blocks", "n_columns"])
 def _antidiagonal_kernel(
     q_ptr,
     k_ptr,
     out_ptr,
+    scratch_ptr,
+    n_columns,
     candidates_ptr,
     first_ptr,
     end_ptr,
@@ -166,6 +174,11 @@ def _antidiagonal_kernel(
     kb = n // R_PAD
     h = n % R_PAD
 
+    # this program's scratch: [BLOCK_M, n_columns] float32, one base-2 log-sum-exp per (row, key block)
+    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    scratch_rows = scratch_ptr + (program.to(tl.int64) * BLOCK_M + m.to(tl.int64)) * n_columns
+    kbs = tl.arange(0, KB)
+
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, n_cand_max, KB):
@@ -177,9 +190,21 @@ def _antidiagonal_kernel(
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
         row_max = new_max
+        # each key block's strided columns as one log-sum-exp: the row's normaliser is known only at
+        # the end, and these stand for the logits then (R times fewer values, no second pass over keys)
+        blocks = tl.reshape(s, (BLOCK_M, KB, R_PAD))
+        block_max = tl.max(blocks, 2)
+        safe_block = tl.where(block_max == float("-inf"), 0.0, block_max)
+        block_sum = tl.sum(tl.exp2(blocks - safe_block[:, :, None]), 2)
+        # block_sum >= 1 where the block has a finite logit (its max contributes exp2(0)), else 0
+        block_lse = safe_block + tl.log2(tl.maximum(block_sum, 1.0))
+        lse = tl.where(block_max == float("-inf"), float("-inf"), block_lse)
+        jj = j0 + kbs
+        tl.store(scratch_rows[:, None] + jj[None, :], lse, mask=(jj < n_columns)[None, :])
+    tl.debug_barrier()  # the loads below read what other threads of this program stored
 
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    weight = tl.where(held, 1.0 / (tl.maximum(row_sum, 1e-30) * tl.maximum(n_held, 1.0)), 0.0)
+    row_lse = tl.where(row_max == float("-inf"), 0.0, row_max + tl.log2(tl.maximum(row_sum, 1e-30)))
+    weight = tl.where(held, 1.0 / tl.maximum(n_held, 1.0), 0.0)
     # output row (query block, head in group) of each (QB, HEADS) pair
     o = tl.arange(0, QB * HEADS)
     o_i = pid * QB + o // HEADS
@@ -192,19 +217,19 @@ def _antidiagonal_kernel(
         + kvh.to(tl.int64) * stride_oh
         + (o_i * GROUP + o_g).to(tl.int64) * stride_or
     )
-    kbs = tl.arange(0, KB)
     for j0 in range(0, n_cand_max, KB):
-        s = _tile_logits(
-            j0, kb, h, n_cand, n_cand_max, q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, n_keys,
-            stride_qn, stride_kn, logit_scale, BLOCK, S, D, R, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
-        )  # fmt: skip
-        p = tl.exp2(s - safe_max[:, None]) * weight[:, None]  # exp2(-inf) = 0 off the candidates
-        per_row = tl.sum(tl.reshape(p, (QB * HEADS, R_PAD, BLOCK_N)), 1)  # [QB * HEADS, BLOCK_N]
-        per_tile = tl.sum(tl.reshape(per_row, (QB * HEADS, KB, R_PAD)), 2)  # [QB * HEADS, KB]
         jj = j0 + kbs
+        lse = tl.load(
+            scratch_rows[:, None] + jj[None, :], mask=(jj < n_cand_max)[None, :], other=float("-inf")
+        )
+        p = tl.exp2(lse - row_lse[:, None]) * weight[:, None]  # exp2(-inf) = 0 off the candidates
+        per_tile = tl.sum(tl.reshape(p, (QB * HEADS, R_PAD, KB)), 1)  # [QB * HEADS, KB]
         mask = o_ok[:, None] & (jj[None, :] < o_cand[:, None])
         tl.store(out_rows[:, None] + jj[None, :], per_tile, mask=mask)
 
+
+# Programs per SM a launch gets at least (query blocks go in several launches to bound the scratch).
+_MIN_PROGRAMS_PER_SM = 4
 
 # Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
 # of one program's logit tile. A program streams its candidate keys once per pass, so more rows per
@@ -256,18 +281,37 @@ def launch(
     rows = tile["QB"] * tile["HEADS"] * tile["R_PAD"]
     cols = tile["KB"] * tile["R_PAD"]
     chunks = triton.cdiv(group, tile["HEADS"])
-    grid = (triton.cdiv(blocks, tile["QB"]), batch * perm_heads * chunks)
-    _antidiagonal_kernel[grid](
-        query, key_p, out, candidates, first_query, end_query,
-        key_p.shape[2], lead, first_block, blocks, scale / stride * _LOG2E,
-        *query.stride()[:3], *key_p.stride()[:3], *out.stride()[:3],
-        0 if first_query.shape[0] == 1 else first_query.stride(0),
-        GROUP=group, KV_HEADS=perm_heads, BLOCK=block_size, S=stride, D=head_dim, **tile,
-        UPCAST=_INTERPRETED or query.device.type != "cuda",
-        PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
-        num_warps=8 if rows * cols >= 128 * 128 else 4,
-        num_stages=2,
-    )  # fmt: skip
+    head_programs = batch * perm_heads * chunks
+    # Each program keeps one log-sum-exp per (row, key block) in a scratch of its own, so the query
+    # blocks go in launches whose scratch stays within LIMITS.step_bytes, reused by the next launch;
+    # a launch still gets a few programs per SM (its scratch then passes the step: long prompts).
+    program_bytes = rows * max(columns, 1) * 4
+    groups = LIMITS.step_bytes // (head_programs * program_bytes)
+    if query.is_cuda:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        groups = max(groups, triton.cdiv(_MIN_PROGRAMS_PER_SM * sms, head_programs))
+    per_launch = max(1, groups) * tile["QB"]
+    per_launch = min(per_launch, triton.cdiv(blocks, tile["QB"]) * tile["QB"])
+    scratch = torch.empty(
+        triton.cdiv(per_launch, tile["QB"]) * head_programs * rows * max(columns, 1),
+        dtype=torch.float32,
+        device=query.device,
+    )
+    for b0 in range(0, blocks, per_launch):
+        b1 = min(b0 + per_launch, blocks)
+        part = out[:, :, b0 * group : b1 * group]
+        grid = (triton.cdiv(b1 - b0, tile["QB"]), head_programs)
+        _antidiagonal_kernel[grid](
+            query, key_p, part, scratch, max(columns, 1), candidates[b0:b1], first_query, end_query,
+            key_p.shape[2], lead, first_block + b0, b1 - b0, scale / stride * _LOG2E,
+            *query.stride()[:3], *key_p.stride()[:3], *part.stride()[:3],
+            0 if first_query.shape[0] == 1 else first_query.stride(0),
+            GROUP=group, KV_HEADS=perm_heads, BLOCK=block_size, S=stride, D=head_dim, **tile,
+            UPCAST=_INTERPRETED or query.device.type != "cuda",
+            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+            num_warps=8 if rows * cols >= 128 * 128 else 4,
+            num_stages=2,
+        )  # fmt: skip
     return out
 
 
