@@ -10,8 +10,9 @@ triton = pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import flexpbs.kernels.antidiagonal as kernel  # noqa: E402
 from flexpbs.antidiagonal import tile_scores  # noqa: E402
-from flexpbs.kernels.antidiagonal import triton_tile_scores  # noqa: E402
+from flexpbs.kernels.antidiagonal import tile_shape, triton_tile_scores  # noqa: E402
 from flexpbs.lengths import SequenceLengths  # noqa: E402
 from flexpbs.limits import override  # noqa: E402
 from flexpbs.selection import candidate_tiles  # noqa: E402
@@ -118,13 +119,34 @@ def test_strided_inputs_and_the_fake_kernel():
         (3, 128, 4, torch.float32),
     ],
 )
-def test_production_tile_shapes(group, head_dim, stride, dtype):
-    # block 128: the tile shapes the GPU runs (several heads or query blocks per program, D in chunks)
+@pytest.mark.parametrize("tiles", ["largest", "smallest"])
+def test_production_tile_shapes(group, head_dim, stride, dtype, tiles, monkeypatch):
+    # block 128: the tile shapes the GPU runs (several heads or query blocks per program, D in chunks);
+    # the interpreter has no shared-memory limit, so the smallest tiles are forced
+    if tiles == "smallest":
+        monkeypatch.setattr(kernel, "TILES", kernel.TILES[-1:])
     gen = torch.Generator().manual_seed(group * stride)
     q = (torch.randn(1, 2 * group, 1100, head_dim, generator=gen) * 3).to(dtype).to(DEVICE)
     k = torch.randn(1, 2, 1100, head_dim, generator=gen).to(dtype).to(DEVICE)
     args = _arguments(1100, 1100, 128, 256, stride, head_dim)
     torch.testing.assert_close(triton_tile_scores(q, k, **args), tile_scores(q, k, **args), **TOL)
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
+def test_tiles_are_the_largest_whose_loads_fit_shared_memory(elem_bytes, stride):
+    # H100/H200 (227 KB per block), A100 (163 KB), consumer Ampere/Ada (99 KB)
+    chosen = []
+    for shared in (232_448, 166_912, 101_376):
+        shape = tile_shape(4, 128 // stride, 128, elem_bytes, shared)
+        rows = shape["QB"] * shape["HEADS"] * shape["R_PAD"]
+        cols = shape["KB"] * shape["R_PAD"]
+        assert shape["num_stages"] * (rows + cols) * shape["BLOCK_D"] * elem_bytes <= shared
+        chosen.append((rows, shape["num_stages"]))
+    assert chosen == sorted(chosen, reverse=True)  # less shared memory, never larger tiles
+    assert tile_shape(4, 128 // stride, 128, elem_bytes, None) == tile_shape(
+        4, 128 // stride, 128, elem_bytes, 232_448
+    )
 
 
 @pytest.mark.parametrize("step_bytes", [1, 40_000])

@@ -3,7 +3,7 @@
 Computes what :func:`flexpbs.antidiagonal.tile_scores` defines without holding any strided logits in
 memory. One program takes a KV head, the query heads of its group (with several query blocks when the
 group is small) and streams the candidate key blocks once, a tile of several key blocks at a time
-(``TILE_ROWS`` x ``TILE_COLUMNS`` strided logits). A tile's logits are S dot products, one per offset t
+(rows x columns of strided logits, from ``TILES``). A tile's logits are S dot products, one per offset t
 of the antidiagonal, of the rows' queries at S-1-t with the columns' keys at t.
 
 1. For each strided row, the running max and sum of ``exp2`` of its logits (online softmax), and for
@@ -232,23 +232,39 @@ def _antidiagonal_kernel(
 _MIN_PROGRAMS_PER_SM = 4
 
 # Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
-# of one program's logit tile. A program streams its candidate keys once per pass, so more rows per
-# program mean fewer passes over the keys; more columns mean fewer reloads of the query rows.
-TILE_ROWS = 64
-TILE_COLUMNS = 128
+# of one program's logit tile, with the pipeline depth, largest first: the first whose loads fit the
+# device's shared memory. More rows mean fewer passes over the keys; more columns fewer reloads of the
+# query rows. 128 x 128 in 3 stages (8 warps) ran 1.31x faster than 64 x 128 in 2 (4 warps) at 128K,
+# stride 32, on an H100 (bench/RESULTS.md, session 11); the last fits ~100 KB of shared memory.
+TILES = ((128, 128, 3), (128, 128, 2), (64, 128, 2))
 
 
-def _tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int) -> dict:
+def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, shared_bytes: int | None) -> dict:
+    """Constexprs, warps and stages of the kernel; ``shared_bytes``: the device's shared memory per
+    block (None: no limit, the interpreter)."""
     r_pad = triton.next_power_of_2(per_block)
     g_pad = triton.next_power_of_2(group)
-    heads = min(g_pad, max(1, TILE_ROWS // r_pad))
-    query_blocks = max(1, TILE_ROWS // (heads * r_pad)) if heads == g_pad else 1
-    if query_blocks * heads * r_pad < 16:  # tl.dot needs 16 rows
-        query_blocks = 16 // (heads * r_pad)
-    columns = TILE_COLUMNS if elem_bytes <= 2 else TILE_COLUMNS // 2
-    key_blocks = max(1, columns // r_pad, 16 // r_pad)
     block_d = max(16, min(triton.next_power_of_2(head_dim), 128 if elem_bytes <= 2 else 64))
-    return dict(R_PAD=r_pad, HEADS=heads, QB=query_blocks, KB=key_blocks, BLOCK_D=block_d)
+    for tile_rows, tile_columns, stages in TILES:
+        heads = min(g_pad, max(1, tile_rows // r_pad))
+        query_blocks = max(1, tile_rows // (heads * r_pad)) if heads == g_pad else 1
+        if query_blocks * heads * r_pad < 16:  # tl.dot needs 16 rows
+            query_blocks = 16 // (heads * r_pad)
+        columns = tile_columns if elem_bytes <= 2 else tile_columns // 2
+        key_blocks = max(1, columns // r_pad, 16 // r_pad)
+        rows, cols = query_blocks * heads * r_pad, key_blocks * r_pad
+        # each stage holds a [rows, BLOCK_D] query tile and a [cols, BLOCK_D] key tile
+        if shared_bytes is None or stages * (rows + cols) * block_d * elem_bytes <= shared_bytes:
+            break
+    return dict(
+        R_PAD=r_pad,
+        HEADS=heads,
+        QB=query_blocks,
+        KB=key_blocks,
+        BLOCK_D=block_d,
+        num_warps=8 if rows * cols >= 128 * 128 else 4,
+        num_stages=stages,
+    )
 
 
 def launch(
@@ -277,9 +293,13 @@ def launch(
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
     key_p = key_p if key_p.stride(-1) == 1 else key_p.contiguous()
-    tile = _tile_shape(group, block_size // stride, head_dim, query.element_size())
+    shared = (
+        torch.cuda.get_device_properties(query.device).shared_memory_per_block_optin
+        if query.is_cuda
+        else None
+    )
+    tile = tile_shape(group, block_size // stride, head_dim, query.element_size(), shared)
     rows = tile["QB"] * tile["HEADS"] * tile["R_PAD"]
-    cols = tile["KB"] * tile["R_PAD"]
     chunks = triton.cdiv(group, tile["HEADS"])
     head_programs = batch * perm_heads * chunks
     # Each program keeps one log-sum-exp per (row, key block) in a scratch of its own, so the query
@@ -309,8 +329,6 @@ def launch(
             GROUP=group, KV_HEADS=perm_heads, BLOCK=block_size, S=stride, D=head_dim, **tile,
             UPCAST=_INTERPRETED or query.device.type != "cuda",
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
-            num_warps=8 if rows * cols >= 128 * 128 else 4,
-            num_stages=2,
         )  # fmt: skip
     return out
 
