@@ -75,7 +75,15 @@ PBS_METHODS: dict[str, dict] = {
     "antidiagonal16_flash": {"estimator": "antidiagonal", "antidiagonal_stride": 16, "backend": "flash"},
     "antidiagonal32_flash": {"estimator": "antidiagonal", "antidiagonal_stride": 32, "backend": "flash"},
 }
-STAGE_METHODS = ("flexpbs", "flexpbs_flash", "noperm", "antidiagonal", "antidiagonal_flash")  # also by stage
+STAGE_METHODS = (  # also by stage
+    "flexpbs",
+    "flexpbs_flash",
+    "noperm",
+    "antidiagonal",
+    "antidiagonal_flash",
+    "antidiagonal16_flash",
+    "antidiagonal32_flash",
+)
 METHODS = (*PBS_METHODS, "flex_causal", "cudnn", "fa2", "pbs_attn")
 # The dense FlexAttention baseline: the user's own compiled flex_attention, static shapes.
 dense_flex = torch.compile(flex_attention, dynamic=False)
