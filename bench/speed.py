@@ -14,8 +14,8 @@ Methods (``--methods``): ``flexpbs`` (``backend="triton"``, with a per-stage bre
 selector without permutation, ``key_order="original"``), the options beyond the paper end to end (``guard``:
 ``max_shrink=0.1``; ``guard_last``: with ``exact_last_block=True``; ``last``: PBS with
 ``exact_last_block=True``; ``noperm_last``: no permutation with ``exact_last_block=True``), PBS-Attn+
-(``antidiagonal``, ``antidiagonal_flash``: ``estimator="antidiagonal"``, stride 8;
-``antidiagonal16_flash``, ``antidiagonal32_flash``: strides 16 and 32), ``flex_causal``
+(``antidiagonal``, ``antidiagonal_flash``: ``estimator="antidiagonal"`` at its default stride, 32;
+``antidiagonal8_flash``, ``antidiagonal16_flash``: strides 8 and 16), ``flex_causal``
 (dense compiled FlexAttention), ``cudnn`` and ``fa2`` (SDPA backends, dense causal), ``pbs_attn`` (the
 original implementation, when ``pbs_attn`` is importable, e.g. its repository's ``pbs_attn`` folder on
 PYTHONPATH; K/V repeated to Hq heads, as it requires). Every flexpbs method runs its sparse path at every
@@ -72,8 +72,8 @@ PBS_METHODS: dict[str, dict] = {
     "noperm_last": {"key_order": "original", "exact_last_block": True, "backend": "triton"},
     "antidiagonal": {"estimator": "antidiagonal", "backend": "triton"},  # PBS-Attn+
     "antidiagonal_flash": {"estimator": "antidiagonal", "backend": "flash"},
+    "antidiagonal8_flash": {"estimator": "antidiagonal", "antidiagonal_stride": 8, "backend": "flash"},
     "antidiagonal16_flash": {"estimator": "antidiagonal", "antidiagonal_stride": 16, "backend": "flash"},
-    "antidiagonal32_flash": {"estimator": "antidiagonal", "antidiagonal_stride": 32, "backend": "flash"},
 }
 STAGE_METHODS = (  # also by stage
     "flexpbs",
@@ -81,8 +81,8 @@ STAGE_METHODS = (  # also by stage
     "noperm",
     "antidiagonal",
     "antidiagonal_flash",
+    "antidiagonal8_flash",
     "antidiagonal16_flash",
-    "antidiagonal32_flash",
 )
 METHODS = (*PBS_METHODS, "flex_causal", "cudnn", "fa2", "pbs_attn")
 # The dense FlexAttention baseline: the user's own compiled flex_attention, static shapes.

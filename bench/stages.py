@@ -203,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "flash"])
     parser.add_argument("--key-order", default="sorted", choices=["sorted", "original"])
     parser.add_argument("--estimator", default="mean_pool", choices=["mean_pool", "antidiagonal"])
-    parser.add_argument("--antidiagonal-stride", type=int, default=8)
+    parser.add_argument("--antidiagonal-stride", type=int, default=PBSConfig.antidiagonal_stride)
     parser.add_argument(
         "--count-ops", action="store_true", help="count operators per stage on the meta device (CPU)"
     )

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 
 from flexpbs.antidiagonal import antidiagonal_scores
-from flexpbs.config import Estimator
+from flexpbs.config import Estimator, PBSConfig
 from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import block_first_positions
@@ -241,7 +241,7 @@ def select_tiles(
     scale: float,
     lengths: SequenceLengths | None = None,
     estimator: Estimator = "mean_pool",
-    stride: int = 8,
+    stride: int = PBSConfig.antidiagonal_stride,
 ) -> torch.Tensor:
     """The tiles to compute, per (batch, query head).
 

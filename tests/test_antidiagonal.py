@@ -149,7 +149,7 @@ def test_bad_estimator_options_raise_naming_the_argument(options, error, match):
 
 
 def test_mean_pool_ignores_the_stride():
-    assert PBSConfig(block_size=4, segment_size=8).antidiagonal_stride == 8  # no error: not read
+    assert PBSConfig(block_size=4, segment_size=8).antidiagonal_stride == 32  # no error: not read
 
 
 def test_compiled_prefill_equals_eager():
