@@ -30,7 +30,7 @@ def _config(case: Case, threshold: float, stride: int, **options) -> PBSConfig:
     chunk=chunk_cases(max_len=800, sharp=True).filter(lambda c: c[0].seq_len > c[0].segment_size),
     threshold=st.sampled_from([0.3, 0.8, 0.9, 0.99]),
     gqa=st.sampled_from(["shared", "per_head"]),
-    stride=st.sampled_from([1, 2, 4, 8, 16]),
+    stride=st.sampled_from([1, 2, 4, 8, 16, 32]),
 )
 def test_selection_matches_the_reference_for_prompts_and_chunks(chunk, threshold, gqa, stride):
     case, n_queries = chunk
@@ -66,12 +66,13 @@ def test_selection_matches_the_reference_for_prompts_and_chunks(chunk, threshold
             dict(exact_last_block=True),
         ]
     ),
+    stride=st.sampled_from([8, PBSConfig.antidiagonal_stride]),
 )
-def test_attention_equals_the_reference_with_every_option(chunk, threshold, mode):
+def test_attention_equals_the_reference_with_every_option(chunk, threshold, mode, stride):
     case, n_queries = chunk
     q, k, v = make_qkv(case)
     q = q[:, :, case.seq_len - n_queries :]
-    cfg = _config(case, threshold, 8, **mode)
+    cfg = _config(case, threshold, stride, **mode)
     out, stats = flexpbs.attention(q, k, v, config=cfg, return_stats=True)
     want_out, want_tiles, want_perm = reference.pbs_attention(q, k, v, cfg)
     if torch.equal(stats.key_positions, want_perm):  # else a tie in importance ordered keys differently

@@ -19,7 +19,13 @@ TOL = dict(rtol=1e-4, atol=1e-6)
 
 @pytest.mark.parametrize(
     "dtype, head_dim, stride",
-    [(torch.bfloat16, 128, 8), (torch.bfloat16, 128, 16), (torch.float16, 64, 8), (torch.float32, 128, 4)],
+    [
+        (torch.bfloat16, 128, 8),
+        (torch.bfloat16, 128, 16),
+        (torch.bfloat16, 128, 32),
+        (torch.float16, 64, 8),
+        (torch.float32, 128, 4),
+    ],
 )
 def test_kernel_matches_torch_path_on_a_long_input(dtype, head_dim, stride):
     case = Case(batch=1, kv_heads=2, group=4, seq_len=16384, head_dim=head_dim, block_size=128,
