@@ -329,12 +329,9 @@ def select_tiles(
             if estimator == "antidiagonal" and step >= perm_heads and r1 > span[1]:
                 # One kernel launch for as many bands as fit: a launch per band leaves SMs idle at
                 # its tail, and the kernel stops each query block at its own candidates anyway.
-                end = _span_end(bands, band, batch * q_heads * 4)
-                span = (
-                    r0,
-                    bands[end - 1][1],
-                    scores(r0, bands[end - 1][1], bands[end - 1][2], 0, perm_heads),
-                )
+                _, end_row, end_column = bands[_span_end(bands, band, batch * q_heads * 4) - 1]
+                span = (0, 0, None)  # the last span's scores freed before the next's are made
+                span = (r0, end_row, scores(r0, end_row, end_column, 0, perm_heads))
             for h0 in range(0, perm_heads, step):
                 heads = slice(h0, h0 + step)
                 # every row of a band has a candidate: the first band starts in the second segment
