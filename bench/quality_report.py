@@ -85,6 +85,33 @@ def passkey_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def pooled_passkey_table(r: dict) -> str:
+    """Markdown: retrieval hits pooled over the runs of each (task, length, method) that several results
+    files hold (other seeds: other prompts), with 95% Wilson intervals; "" when no method repeats."""
+    groups = defaultdict(list)
+    for row in r["passkey"]:
+        groups[(row.get("task", "passkey"), row["n"], row["method"])].append(row)
+    out = []
+    for (task, n, method), rows in groups.items():
+        if len(rows) < 2:
+            continue
+        hits = sum(row.get("hits", round(row["accuracy"] * row["trials"])) for row in rows)
+        trials = sum(row["trials"] for row in rows)
+        density = sum(row["density"] * row["trials"] for row in rows) / trials
+        low, high = wilson_interval(hits, trials)
+        out.append(
+            f"| {task} | {n} | {method} | {len(rows)} | {density:.3f} | {hits}/{trials} | "
+            f"{low:.2f}-{high:.2f} |"
+        )
+    if not out:
+        return ""
+    head = [
+        "| task | tokens | method | runs | density | hits / trials | 95% interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + out)
+
+
 def layer_table(r: dict) -> str:
     """Markdown: density, recall and relative error averaged over layers and heads, per method."""
     agg = defaultdict(list)
@@ -256,6 +283,9 @@ def run(args: argparse.Namespace) -> None:
         mask_picture(Path(args.picture[0]), args.out, int(args.picture[1]), int(args.picture[2]))
     print("## Perplexity\n" + perplexity_tables(r))
     print("\n## Passkey\n" + passkey_table(r))
+    pooled = pooled_passkey_table(r)
+    if pooled:
+        print("\n## Passkey, pooled over runs\n" + pooled)
     print("\n## Per layer and head (averages over layers and heads)\n" + layer_table(r))
     print(
         "\n## Per head: does permutation lower the density? (same threshold and segment)\n"
