@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -153,6 +154,8 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f)
     dist.barrier()
+    if rank == 0 and not args.model:  # the tiny model's directory (every rank is done with it)
+        shutil.rmtree(path, ignore_errors=True)
     dist.destroy_process_group()
 
 

@@ -24,9 +24,12 @@ def test_heads_split_over_two_ranks_match_one_process(tmp_path):
         "--json",
         str(out),
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    scratch = tmp_path / "tmp"  # the example's temporary model directory goes here
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("flexpbs_tp_")]  # removed after use
     res = json.loads(out.read_text())
     assert "tensor parallelism matches one process" in proc.stdout  # the example's one-line verdict
     assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # no deprecated transformers API
