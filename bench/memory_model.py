@@ -7,9 +7,10 @@
 that sees every tensor an op returns and, through weak references, when its storage dies: live bytes
 beyond q/k/v, their peak per stage and the largest tensors. This is what ``torch.cuda.max_memory_allocated``
 would count, minus allocator rounding and the workspaces kernels take internally (e.g. the GPU radix
-sort's temporary storage). Two stand-ins for what cannot run on meta: the Triton importance kernel
+sort's temporary storage). Stand-ins for what cannot run on meta: the Triton importance kernel
 allocates its output and per-row statistics (``--importance torch`` runs the PyTorch path, the CPU
-fallback, instead), and compiled FlexAttention its output and log-sum-exp. :func:`stage_probe` also
+fallback, instead), the antidiagonal kernel (``--estimator antidiagonal``) its scores and scratch as on
+an H100, and compiled FlexAttention its output and log-sum-exp. :func:`stage_probe` also
 serves ``python -m bench robustness``, which measures the same stages on the GPU, and :func:`census`
 tests/test_memory.py.
 """
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 import flexpbs
 import flexpbs.pipeline
+import flexpbs.selection
 import flexpbs.sparse_attention
 from flexpbs.lengths import SequenceLengths
 
@@ -182,6 +184,28 @@ def meta_triton_importance(
     )
 
 
+# The device the antidiagonal kernel's launch plan is counted for: an H100's SMs and shared memory.
+H100_SMS, H100_SHARED_BYTES = 132, 232_448
+
+
+def meta_antidiagonal_scores(query: torch.Tensor, key_p: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Stand-in for the antidiagonal kernel (``flexpbs.selection.antidiagonal_scores``): its scores
+    ``[B, Hp, blocks * G, columns]`` and its scratch, sized by its launch plan on an H100."""
+    from flexpbs.kernels.antidiagonal import launch_plan
+
+    batch, q_heads, _, head_dim = query.shape
+    perm_heads = key_p.shape[1]
+    blocks, columns = kwargs["end_block"] - kwargs["first_block"], kwargs["columns"]
+    out = torch.zeros(batch, perm_heads, blocks * (q_heads // perm_heads), columns, device=query.device)
+    if blocks:
+        plan = launch_plan(
+            batch, q_heads, perm_heads, blocks, columns, kwargs["block_size"], kwargs["stride"], head_dim,
+            query.element_size(), H100_SHARED_BYTES, H100_SMS,
+        )  # fmt: skip
+        torch.empty(plan.scratch_elements, dtype=torch.float32, device=query.device)  # freed on return
+    return out
+
+
 def census(
     batch: int,
     q_heads: int,
@@ -192,6 +216,7 @@ def census(
     gqa: str,
     threshold: float = 0.9,
     importance: str = "triton",
+    estimator: str = "mean_pool",
 ) -> tuple[dict, int, MemoryCensus]:
     """(stages, whole-call peak bytes beyond q/k/v, the census: ``largest`` lists every tensor created,
     ``at_top`` those live at the peak) of one ``flexpbs.attention`` call."""
@@ -203,12 +228,15 @@ def census(
         importance_stand_in = mock.patch.object(flexpbs.pipeline, "key_importance", meta_triton_importance)
     with (
         mock.patch.object(flexpbs.sparse_attention, "compiled_flex_call", meta_flex_attention),
+        mock.patch.object(flexpbs.selection, "antidiagonal_scores", meta_antidiagonal_scores),
         importance_stand_in,
         MemoryCensus([q, k, v]) as seen,
     ):
         probe = StageProbe(lambda: seen.current, lambda: seen.peak, seen.reset_peak)
         with stage_probe(probe):
-            out = flexpbs.attention(q, k, v, threshold=threshold, gqa=gqa, importance_kernel="torch")
+            out = flexpbs.attention(
+                q, k, v, threshold=threshold, gqa=gqa, importance_kernel="torch", estimator=estimator
+            )
         total = probe.whole_call_peak()
         del out
     return probe.stages, total, seen
@@ -227,6 +255,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["triton", "torch"],
         help="the GPU kernel's allocations (stand-in) or the PyTorch path",
     )
+    parser.add_argument(
+        "--estimator",
+        default="mean_pool",
+        choices=["mean_pool", "antidiagonal"],
+        help="the block estimator (antidiagonal: its kernel's allocations at the default stride)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -242,6 +276,7 @@ def run(args: argparse.Namespace) -> None:
             dtype,
             args.gqa,
             importance=args.importance,
+            estimator=args.estimator,
         )
         elem = dtype.itemsize
         qkv = args.batch * n * args.head_dim * (args.q_heads + 2 * args.kv_heads) * elem
@@ -267,7 +302,8 @@ def run(args: argparse.Namespace) -> None:
         )
     print(
         f"\nB={args.batch}, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, gqa={args.gqa}, "
-        f"threshold 0.9, importance {args.importance}; GiB beyond q/k/v, counted on the meta device\n"
+        f"threshold 0.9, importance {args.importance}, estimator {args.estimator}; GiB beyond q/k/v, "
+        "counted on the meta device\n"
     )
     print("| N | stage | calls | peak GiB | live after GiB |")
     print("|---|---|---|---|---|")

@@ -141,3 +141,19 @@ def test_at_512k_tokens_nothing_exceeds_the_output_and_the_extra_stays_within_a_
         "mask + attention",
     }
     assert peak - out_bytes <= qkv_bytes // 4, (peak - out_bytes) / qkv_bytes  # the memory goal of issue 7
+
+
+def test_at_512k_tokens_the_antidiagonal_estimator_adds_its_scores_and_scratch_only():
+    """PBS+ on meta tensors, its kernel's allocations as on an H100: the output stays the largest tensor,
+    and the extra beyond q/k/v and the output stays within half the q/k/v bytes (mean pooling: a
+    quarter; the kernel adds its scores, at most LIMITS.step_bytes, and its scratch, 1 GiB here)."""
+    n, q_heads, kv_heads, d = 2**19, 32, 8, 128
+    stages, peak, seen = census(
+        1, q_heads, kv_heads, n, d, torch.bfloat16, "shared", estimator="antidiagonal"
+    )
+    out_bytes = q_heads * n * d * 2
+    qkv_bytes = (q_heads + 2 * kv_heads) * n * d * 2
+    assert max(size for size, _, _ in seen.largest) == out_bytes
+    assert peak - out_bytes <= qkv_bytes // 2, (peak - out_bytes) / qkv_bytes
+    _, mean_pool_peak, _ = census(1, q_heads, kv_heads, n, d, torch.bfloat16, "shared")
+    assert peak - mean_pool_peak <= 2**30 + flexpbs.limits.LIMITS.step_bytes  # scratch + one span of scores

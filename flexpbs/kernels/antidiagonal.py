@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -267,6 +268,45 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
     )
 
 
+class LaunchPlan(NamedTuple):
+    tile: dict  # tile_shape's constexprs, warps and stages
+    head_programs: int  # programs per query-block group: batch x KV heads x head chunks of the group
+    per_launch: int  # query blocks per launch
+    scratch_elements: int  # float32 log-sum-exps of the scratch all launches reuse
+
+
+def launch_plan(
+    batch: int,
+    q_heads: int,
+    perm_heads: int,
+    blocks: int,
+    columns: int,
+    block_size: int,
+    stride: int,
+    head_dim: int,
+    elem_bytes: int,
+    shared_bytes: int | None,
+    sms: int | None,
+) -> LaunchPlan:
+    """How :func:`launch` splits ``blocks`` query blocks over ``columns`` key blocks into launches,
+    on a device with ``shared_bytes`` of shared memory per block and ``sms`` SMs (None: the interpreter).
+
+    Each program keeps one log-sum-exp per (row, key block) in a scratch of its own, so the query
+    blocks go in launches whose scratch stays within ``LIMITS.step_bytes``, reused by the next launch;
+    a launch still gets a few programs per SM (its scratch then passes the step: long prompts)."""
+    group = q_heads // perm_heads
+    tile = tile_shape(group, block_size // stride, head_dim, elem_bytes, shared_bytes)
+    rows = tile["QB"] * tile["HEADS"] * tile["R_PAD"]
+    head_programs = batch * perm_heads * triton.cdiv(group, tile["HEADS"])
+    program_bytes = rows * max(columns, 1) * 4
+    groups = LIMITS.step_bytes // (head_programs * program_bytes)
+    if sms is not None:
+        groups = max(groups, triton.cdiv(_MIN_PROGRAMS_PER_SM * sms, head_programs))
+    per_launch = min(max(1, groups) * tile["QB"], triton.cdiv(blocks, tile["QB"]) * tile["QB"])
+    scratch = triton.cdiv(per_launch, tile["QB"]) * head_programs * rows * max(columns, 1)
+    return LaunchPlan(tile, head_programs, per_launch, scratch)
+
+
 def launch(
     query: torch.Tensor,
     key_p: torch.Tensor,
@@ -293,34 +333,30 @@ def launch(
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
     key_p = key_p if key_p.stride(-1) == 1 else key_p.contiguous()
-    shared = (
-        torch.cuda.get_device_properties(query.device).shared_memory_per_block_optin
-        if query.is_cuda
-        else None
-    )
-    tile = tile_shape(group, block_size // stride, head_dim, query.element_size(), shared)
-    rows = tile["QB"] * tile["HEADS"] * tile["R_PAD"]
-    chunks = triton.cdiv(group, tile["HEADS"])
-    head_programs = batch * perm_heads * chunks
-    # Each program keeps one log-sum-exp per (row, key block) in a scratch of its own, so the query
-    # blocks go in launches whose scratch stays within LIMITS.step_bytes, reused by the next launch;
-    # a launch still gets a few programs per SM (its scratch then passes the step: long prompts).
-    program_bytes = rows * max(columns, 1) * 4
-    groups = LIMITS.step_bytes // (head_programs * program_bytes)
     if query.is_cuda:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        groups = max(groups, triton.cdiv(_MIN_PROGRAMS_PER_SM * sms, head_programs))
-    per_launch = max(1, groups) * tile["QB"]
-    per_launch = min(per_launch, triton.cdiv(blocks, tile["QB"]) * tile["QB"])
-    scratch = torch.empty(
-        triton.cdiv(per_launch, tile["QB"]) * head_programs * rows * max(columns, 1),
-        dtype=torch.float32,
-        device=query.device,
+        props = torch.cuda.get_device_properties(query.device)
+        shared, sms = props.shared_memory_per_block_optin, props.multi_processor_count
+    else:
+        shared, sms = None, None
+    plan = launch_plan(
+        batch,
+        q_heads,
+        perm_heads,
+        blocks,
+        columns,
+        block_size,
+        stride,
+        head_dim,
+        query.element_size(),
+        shared,
+        sms,
     )
+    tile, per_launch = plan.tile, plan.per_launch
+    scratch = torch.empty(plan.scratch_elements, dtype=torch.float32, device=query.device)
     for b0 in range(0, blocks, per_launch):
         b1 = min(b0 + per_launch, blocks)
         part = out[:, :, b0 * group : b1 * group]
-        grid = (triton.cdiv(b1 - b0, tile["QB"]), head_programs)
+        grid = (triton.cdiv(b1 - b0, tile["QB"]), plan.head_programs)
         _antidiagonal_kernel[grid](
             query, key_p, part, scratch, max(columns, 1), candidates[b0:b1], first_query, end_query,
             key_p.shape[2], lead, first_block + b0, b1 - b0, scale / stride * _LOG2E,
