@@ -1,7 +1,7 @@
 """After ``flexpbs.warmup``, new prompt lengths and new chunk shapes compile nothing on the GPU.
 
 Compilations are counted, not timed: dynamo's graph count and the JIT caches of the Triton
-importance kernel (a new specialisation of either would cost a compile at that shape).
+importance and antidiagonal kernels (a new specialisation of either would cost a compile at that shape).
 """
 
 import sys
@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import flexpbs
+from flexpbs.kernels import antidiagonal
 from flexpbs.kernels import importance as kernels
 from flexpbs.limits import override
 from flexpbs.pipeline import kv_heads_per_chunk_of_size
@@ -24,7 +25,11 @@ def compiled_variants() -> int:
     in this process so far."""
     fa4 = sys.modules.get("flash_attn.cute.interface")
     cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
-    jit = len(getattr(cache, "cache", cache or ())) + kernels.compiled_variants()
+    jit = (
+        len(getattr(cache, "cache", cache or ()))
+        + kernels.compiled_variants()
+        + antidiagonal.compiled_variants()
+    )
     return counters["stats"]["unique_graphs"] + jit
 
 
@@ -53,12 +58,12 @@ SHAPES = [
 ]
 
 
-def warmed_up_options(backend: str) -> dict:
-    """The sparse-path options of a test's calls on ``backend``, after ``flexpbs.warmup`` for them (call
-    it in the grad mode of those calls); skips the test where the backend is not installed."""
+def warmed_up_options(backend: str, **extra) -> dict:
+    """The sparse-path options (and ``extra``) of a test's calls on ``backend``, after ``flexpbs.warmup``
+    for them (call it in the grad mode of those calls); skips the test where the backend is not installed."""
     if backend == "flash":
         pytest.importorskip("flash_attn.cute", reason="backend='flash' needs flash-attn-4")
-    options = dict(threshold=0.9, backend=backend, min_seq_len=0)
+    options = dict(threshold=0.9, backend=backend, min_seq_len=0, **extra)
     flexpbs.warmup(HEADS, KV_HEADS, D, dtype=torch.bfloat16, device="cuda", **options)
     return options
 
@@ -74,6 +79,19 @@ def test_new_lengths_and_chunks_compile_nothing_after_warmup(backend):
             compiled[(n_queries, n)] = compiled_variants() - before
             assert not stats.dense and out.shape == (1, HEADS, n_queries, D)
             assert torch.isfinite(out).all()
+    assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
+
+
+def test_antidiagonal_estimator_new_lengths_and_chunks_compile_nothing_after_warmup():
+    """PBS+ (its kernel's batch and head strides, launch offsets and column counts are runtime values)."""
+    with torch.inference_mode():
+        options = warmed_up_options("triton", estimator="antidiagonal")
+        compiled = {}
+        for i, (n_queries, n) in enumerate(SHAPES):
+            before = compiled_variants()
+            out, stats = flexpbs.attention(*qkv(n_queries, n, seed=i), return_stats=True, **options)
+            compiled[(n_queries, n)] = compiled_variants() - before
+            assert not stats.dense and torch.isfinite(out).all()
     assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
 
 

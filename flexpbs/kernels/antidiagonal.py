@@ -98,7 +98,17 @@ def _tile_logits(
     return tl.where(valid, acc * logit_scale, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["n_keys", "lead", "first_block", "n_blocks", "n_columns"])
+# Integer arguments that change with the prompt's length, the launch or the batch size are not
+# specialised (Triton would compile a variant per divisibility by 16, or value 1, of each: a compile at
+# the first call of a new length after the warm-up). The row strides of q and K stay specialised: they
+# are fixed by the layout and let the loads vectorise.
+_RUNTIME_ARGS = [
+    "n_columns", "n_keys", "lead", "first_block", "n_blocks", "block_offset", "stride_qb", "stride_qh",
+    "stride_kb", "stride_kh", "stride_ob", "stride_oh", "stride_or", "stride_fb",
+]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _antidiagonal_kernel(
     q_ptr,
     k_ptr,
@@ -112,6 +122,7 @@ def _antidiagonal_kernel(
     lead,
     first_block,
     n_blocks,
+    block_offset,
     logit_scale,
     stride_qb,
     stride_qh,
@@ -153,7 +164,7 @@ def _antidiagonal_kernel(
     g = chunk * HEADS + (m // R_PAD) % HEADS
     r = m % R_PAD
     row_ok = (i < n_blocks) & (g < GROUP) & (r < R)
-    n_cand = tl.load(candidates_ptr + i, mask=i < n_blocks, other=0)
+    n_cand = tl.load(candidates_ptr + block_offset + i, mask=i < n_blocks, other=0)
     n_cand_max = tl.max(n_cand, 0)
     q_first = tl.load(first_ptr + b * stride_fb)
     q_end = tl.load(end_ptr + b * stride_fb)
@@ -210,13 +221,13 @@ def _antidiagonal_kernel(
     o = tl.arange(0, QB * HEADS)
     o_i = pid * QB + o // HEADS
     o_g = chunk * HEADS + o % HEADS
-    o_cand = tl.load(candidates_ptr + o_i, mask=o_i < n_blocks, other=0)
+    o_cand = tl.load(candidates_ptr + block_offset + o_i, mask=o_i < n_blocks, other=0)
     o_ok = (o_i < n_blocks) & (o_g < GROUP)
     out_rows = (
         out_ptr
         + b.to(tl.int64) * stride_ob
         + kvh.to(tl.int64) * stride_oh
-        + (o_i * GROUP + o_g).to(tl.int64) * stride_or
+        + ((block_offset + o_i) * GROUP + o_g).to(tl.int64) * stride_or
     )
     for j0 in range(0, n_cand_max, KB):
         jj = j0 + kbs
@@ -353,14 +364,18 @@ def launch(
     )
     tile, per_launch = plan.tile, plan.per_launch
     scratch = torch.empty(plan.scratch_elements, dtype=torch.float32, device=query.device)
+    # A batch of one never multiplies its batch stride: 0 keeps it a 32-bit argument past 2^31 elements.
+    q_strides, k_strides, out_strides = (
+        (0 if batch == 1 else x.stride(0), *x.stride()[1:3]) for x in (query, key_p, out)
+    )
     for b0 in range(0, blocks, per_launch):
         b1 = min(b0 + per_launch, blocks)
-        part = out[:, :, b0 * group : b1 * group]
         grid = (triton.cdiv(b1 - b0, tile["QB"]), plan.head_programs)
+        # whole tensors and the launch's first block: slices would change the pointers' alignment
         _antidiagonal_kernel[grid](
-            query, key_p, part, scratch, max(columns, 1), candidates[b0:b1], first_query, end_query,
-            key_p.shape[2], lead, first_block + b0, b1 - b0, scale / stride * _LOG2E,
-            *query.stride()[:3], *key_p.stride()[:3], *part.stride()[:3],
+            query, key_p, out, scratch, max(columns, 1), candidates, first_query, end_query,
+            key_p.shape[2], lead, first_block + b0, b1 - b0, b0, scale / stride * _LOG2E,
+            *q_strides, *k_strides, *out_strides,
             0 if first_query.shape[0] == 1 else first_query.stride(0),
             GROUP=group, KV_HEADS=perm_heads, BLOCK=block_size, S=stride, D=head_dim, **tile,
             UPCAST=_INTERPRETED or query.device.type != "cuda",
@@ -437,3 +452,9 @@ def triton_tile_scores(
         query, key_p, candidates, first, end, first_block, end_block, columns, block_size, stride,
         float(scale), lead,
     )  # fmt: skip
+
+
+def compiled_variants() -> int:
+    """Compiled variants of the antidiagonal kernel in this process (Triton compiles one per
+    specialisation of its arguments): counts what a call at a new shape compiled."""
+    return sum(len(cache) for cache, *_ in getattr(_antidiagonal_kernel, "device_caches", {}).values())
