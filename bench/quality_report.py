@@ -72,11 +72,16 @@ def wilson_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def _hits(row: dict) -> int:
+    """A retrieval row's hits (files from before hits were stored have the accuracy only)."""
+    return row.get("hits", round(row["accuracy"] * row["trials"]))
+
+
 def passkey_table(r: dict) -> str:
     """Markdown: retrieval hits per (task, length, method), with 95% Wilson intervals."""
     out = ["| task | tokens | method | density | hits / trials | 95% interval |", "|---|---|---|---|---|---|"]
     for row in r["passkey"]:
-        hits = row.get("hits", round(row["accuracy"] * row["trials"]))  # files before hits were stored
+        hits = _hits(row)
         low, high = wilson_interval(hits, row["trials"])
         out.append(
             f"| {row.get('task', 'passkey')} | {row['n']} | {row['method']} | {row['density']:.3f} | "
@@ -95,7 +100,7 @@ def pooled_passkey_table(r: dict) -> str:
     for (task, n, method), rows in groups.items():
         if len(rows) < 2:
             continue
-        hits = sum(row.get("hits", round(row["accuracy"] * row["trials"])) for row in rows)
+        hits = sum(_hits(row) for row in rows)
         trials = sum(row["trials"] for row in rows)
         density = sum(row["density"] * row["trials"] for row in rows) / trials
         low, high = wilson_interval(hits, trials)

@@ -246,8 +246,9 @@ _MIN_PROGRAMS_PER_SM = 4
 # Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
 # of one program's logit tile, with the pipeline depth, largest first: the first whose loads fit the
 # device's shared memory. More rows mean fewer passes over the keys; more columns fewer reloads of the
-# query rows. 128 x 128 in 3 stages (8 warps) ran 1.31x faster than 64 x 128 in 2 (4 warps) at 128K,
-# stride 32, on an H100 (bench/RESULTS.md, session 11); the last fits ~100 KB of shared memory.
+# query rows. 128 x 128 in 3 stages (8 warps) took 8.38 ms where 64 x 128 in 2 (4 warps) took 9.95, one
+# launch each, at 128K, stride 32, on an H100 (bench/RESULTS.md, session 11); the last fits ~100 KB of
+# shared memory.
 TILES = ((128, 128, 3), (128, 128, 2), (64, 128, 2))
 
 
