@@ -127,6 +127,8 @@ class _KernelCompiler(threading.Thread):
     ):
         super().__init__(name="flexpbs-warmup-kernels", daemon=True)
         self.inputs, self.cfg, self.dtype, self.device, self.dims = inputs, cfg, dtype, device, dims
+        # "cuda" without an index means the caller's current device; set_device needs the index
+        self.device_index = torch.cuda.current_device() if device.index is None else device.index
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
         self.error: BaseException | None = None
@@ -134,7 +136,7 @@ class _KernelCompiler(threading.Thread):
     def run(self) -> None:
         cfg = self.cfg
         try:
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device_index)
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 for q, k, _ in self.inputs:
                     key_importance(
