@@ -16,11 +16,13 @@ machine reuses it, which makes its warm-up much shorter.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import torch
 
 from flexpbs.config import PBSConfig
+from flexpbs.importance import key_importance, resolve_importance_kernel
 from flexpbs.pipeline import pbs_attention
 from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
@@ -86,12 +88,67 @@ def warmup(
             capacity *= 2
     value_dim = value_dim or head_dim
     gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = []
     for n_queries, n_keys in calls:
         q = torch.randn(batch, query_heads, n_queries, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(device, dtype)
         v = torch.randn(batch, kv_heads, n_keys, value_dim, generator=gen).to(device, dtype)
+        inputs.append((q, k, v))
+    uses_importance = cfg.key_order == "sorted" or cfg.exact_last_block
+    if (
+        device.type == "cuda"
+        and uses_importance
+        and resolve_importance_kernel(cfg.importance_kernel, device) == "triton"
+    ):
+        # The Triton kernels launched outside the compiled graph compile in a thread while this one
+        # compiles the graph (with the PyTorch importance pass, which compiles nothing): much of a
+        # Triton compile runs without the GIL (LLVM, ptxas).
+        worker = _KernelCompiler(inputs, cfg, dtype, device, {head_dim, value_dim})
+        worker.start()
+        for q, k, v in inputs:
+            pbs_attention(q, k, v, dataclasses.replace(cfg, importance_kernel="torch"), return_stats=False)
+        worker.join()
+        if worker.error is not None:
+            raise worker.error
+    for q, k, v in inputs:  # compiles whatever is left (everything, without the thread)
         pbs_attention(q, k, v, cfg, return_stats=False)
     compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+class _KernelCompiler(threading.Thread):
+    """Compiles the importance kernels (by running them on the warm-up's inputs) and the row-copy
+    kernel, in the caller's grad mode and on its device; an exception is kept in ``error``."""
+
+    def __init__(
+        self, inputs: list, cfg: PBSConfig, dtype: torch.dtype, device: torch.device, dims: set[int]
+    ):
+        super().__init__(name="flexpbs-warmup-kernels", daemon=True)
+        self.inputs, self.cfg, self.dtype, self.device, self.dims = inputs, cfg, dtype, device, dims
+        # "cuda" without an index means the caller's current device; set_device needs the index
+        self.device_index = torch.cuda.current_device() if device.index is None else device.index
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        cfg = self.cfg
+        try:
+            torch.cuda.set_device(self.device_index)
+            with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
+                for q, k, _ in self.inputs:
+                    key_importance(
+                        q,
+                        k,
+                        block_size=cfg.block_size,
+                        segment_size=cfg.segment_size,
+                        scale=cfg.scale if cfg.scale is not None else q.shape[-1] ** -0.5,
+                        per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
+                        kernel="triton",
+                    )
+                compile_copy_rows(self.dtype, self.device, self.dims)
+            torch.cuda.synchronize(self.device)
+        except BaseException as error:  # re-raised by the caller
+            self.error = error
