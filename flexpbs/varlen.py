@@ -89,7 +89,9 @@ def varlen_attention(
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
     groups = frame_groups(offsets.n_keys) if offsets is not None and query.shape[0] else []
     if len(groups) > 1:
-        stats = _grouped(out, query, key, value, offsets, groups, cfg, return_stats)
+        stats = _grouped(
+            out, query, key, value, cu_seqlens_q, cu_seqlens_k, offsets, groups, cfg, return_stats
+        )
     else:
         stats = _one_frame(
             out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, cfg, return_stats
@@ -130,23 +132,29 @@ def _grouped(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
     offsets: _Offsets,
     groups: list[list[int]],
     cfg: PBSConfig,
     return_stats: bool,
 ) -> list[PBSStats] | None:
-    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), into ``out``."""
+    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), into ``out``.
+
+    Each group's offsets and token rows are made on the device from ``cu_seqlens_q/k``: a blocking
+    host-to-device copy would wait for the previous groups' kernels before this group's could be
+    queued, idling the GPU for as long as the host takes to queue a pipeline run."""
     stats: list[PBSStats] = [None] * len(offsets.n_keys)  # type: ignore[list-item]
+    # frame_groups takes the sequences longest first (a stable order), a group a run of that order
+    n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    order = torch.sort(n_keys, descending=True, stable=True).indices
+    start = 0
     for group in groups:
-        q_index, k_index = (
-            torch.cat([torch.arange(cu[b], cu[b + 1]) for b in group]).to(query.device)
-            for cu in (offsets.cu_q, offsets.cu_k)
-        )
-        cu_q, cu_k = (
-            torch.tensor([0, *itertools.accumulate(sizes[b] for b in group)], dtype=torch.int32).to(
-                query.device
-            )
-            for sizes in (offsets.n_queries, offsets.n_keys)
+        ids = order[start : start + len(group)]
+        start += len(group)
+        (q_index, cu_q), (k_index, cu_k) = (
+            _group_rows(cu, ids, sum(sizes[b] for b in group))
+            for cu, sizes in ((cu_seqlens_q, offsets.n_queries), (cu_seqlens_k, offsets.n_keys))
         )
         max_k = max(offsets.n_keys[b] for b in group)
         group_stats = _one_frame(
@@ -155,6 +163,22 @@ def _grouped(
         for b, s in zip(group, group_stats or [], strict=False):
             stats[b] = s
     return stats if return_stats else None
+
+
+def _group_rows(cu_seqlens: torch.Tensor, ids: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows of sequences ``ids`` (``[G]`` int64, in order) and their own offsets.
+
+    Args:
+        cu_seqlens: ``[B + 1]`` int32 offsets of the packed batch.
+        total: the sequences' rows together (read on the host already): sizes the result, no sync.
+
+    Returns:
+        ``[total]`` int64 packed rows, sequence by sequence; ``[G + 1]`` int32 offsets of the group.
+    """
+    starts, sizes = cu_seqlens[ids].long(), (cu_seqlens[ids + 1] - cu_seqlens[ids]).long()
+    cu = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    shift = torch.repeat_interleave(starts - cu[:-1], sizes, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) + shift, cu.to(torch.int32)
 
 
 def _one_frame(

@@ -1,5 +1,7 @@
 """Packed batches on the GPU: per-sequence results, and a call captured in a CUDA graph."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -48,3 +50,29 @@ def test_a_call_with_given_maxima_is_captured_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
+
+
+def _synchronizations(call) -> int:
+    """Host synchronisations that ``call`` makes (``torch.cuda.set_sync_debug_mode`` warnings)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def test_frames_by_length_synchronise_no_more_than_one_frame():
+    # reading the offsets synchronises once per call; the frames' rows and offsets are made on the
+    # device (a blocking copy per frame made the GPU wait for the host to queue each frame's pipeline)
+    q, k, v, cu_q, cu_k, _ = cuda_batch()
+    call = lambda: flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **OPTIONS)  # noqa: E731
+    call()  # compiles
+    with override(frame_share=0.0):  # one frame
+        one_frame = _synchronizations(call)
+    with override(frame_short_keys=0):  # three frames: 6000 and 5000 keys, 4096, 300
+        by_length = _synchronizations(call)
+    assert one_frame >= 1 and by_length == one_frame
