@@ -141,6 +141,20 @@ def test_grouped_frames_give_what_one_frame_gives():
         assert torch.equal(a.key_positions, b.key_positions)
 
 
+def test_frames_by_length_keep_each_sequence_with_equal_lengths_in_its_place():
+    # ties in length: the frames are made on the device in the same (stable) order as on the host
+    lengths = [(300, 300), (700, 700), (100, 300), (650, 700), (640, 640), (0, 300)]
+    q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed=4)
+    options = dict(block_size=64, segment_size=128, threshold=0.6, return_stats=True)
+    with override(frame_short_keys=0):
+        assert frame_groups([n for _, n in lengths]) == [[1, 3, 4], [0, 2, 5]]
+        got, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **options)
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, **options)
+        assert torch.equal(stats[b].key_positions, alone_stats.key_positions)
+        torch.testing.assert_close(unpack(got, cu_q, b), alone, rtol=0, atol=FP32_ATOL)
+
+
 def test_given_maxima_give_the_same_result_without_reading_the_offsets():
     lengths = [(700, 700), (257, 600), (50, 150)]
     q, k, v, cu_q, cu_k, _ = packed_batch(lengths, seed=5)
