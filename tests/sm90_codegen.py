@@ -2,7 +2,8 @@
 PTX loads from global memory: run as a script by tests/test_kernel_codegen.py, outside the interpreter.
 
 Each kernel is called through its real launch code on CPU tensors of a 128K-token prefill (B=1, Hq=32,
-Hkv=8, D=128, bf16, the pipeline's [B, N, H, D] storage); a stand-in records the launch's arguments
+Hkv=8, D=128, bf16, the pipeline's [B, N, H, D] storage; the row copy moves its keys into a frame of four
+sequences); a stand-in records the launch's arguments
 instead of running it, and the kernel is then compiled with them under Triton's specialisation rules
 (integers not in ``do_not_specialize``: the value 1 is a constant, multiples of 16 are marked
 divisible; pointers are 16-byte aligned), as the GPU would compile it.
@@ -22,6 +23,8 @@ from triton.compiler import ASTSource
 
 import flexpbs.kernels.antidiagonal as antidiagonal
 import flexpbs.kernels.importance as importance
+import flexpbs.kernels.rows as rows_module
+from flexpbs.rows import frame_layout, packed_layout
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
 
@@ -92,6 +95,15 @@ def main() -> None:
         scale=d**-0.5, lead=0, first_query=first, end_query=first + n,
     )  # fmt: skip
     recorded["_antidiagonal_kernel"] = antidiagonal._antidiagonal_kernel
+    # the row copy into a frame of 4 sequences of 32K positions, and back (a packed batch's tokens)
+    rows_module._copy_rows_kernel = Recorder(rows_module._copy_rows_kernel)
+    packed = key.transpose(1, 2)[0]  # [N, H, D] rows
+    frame = torch.empty(4, kv_heads, n // 4, d, dtype=torch.bfloat16)
+    source = torch.arange(n, dtype=torch.int64)
+    rows_module.triton_copy_rows(
+        packed, packed_layout(packed), source, frame, frame_layout(frame), None, kv_heads, d
+    )
+    recorded["_copy_rows_kernel"] = rows_module._copy_rows_kernel
     report = {}
     for name, recorder in recorded.items():
         args, kwargs = recorder.calls[0]

@@ -37,3 +37,9 @@ def test_q_and_k_tiles_load_in_16_byte_vectors_through_the_pipeline(report, kern
     assert not [op for op in loads if op.endswith((".b16", ".u16"))], loads  # element-wise bf16 loads
     assert loads.get("cp.async.cg.shared.global", 0) > 0, loads  # 16-byte asynchronous copies
     assert report[kernel]["shared"] > 0
+
+
+def test_the_row_copy_kernel_moves_rows_in_16_byte_vectors(report):
+    loads = report["_copy_rows_kernel"]["loads"]
+    assert loads.get("ld.global.v4.b32", 0) > 0, loads  # 8 bf16 features per load
+    assert not [op for op in loads if op.endswith((".b16", ".u16"))], loads
