@@ -1,8 +1,9 @@
 """``flexpbs.warmup``: compile what a process needs before traffic arrives.
 
 What compiles, once per process: FlexAttention's graph for a (dtype, head shape, batch size, block
-size, kernel options, grad mode) and, on CUDA, the Triton importance kernel and the row-copy kernel of
-packed batches (:mod:`flexpbs.rows`). On CUDA the graph's
+size, kernel options, grad mode) and, on CUDA, the Triton importance kernels (for single sequences and
+for frames of packed or padded batches) and the row-copy kernel of packed batches (:mod:`flexpbs.rows`):
+a packed batch runs once too. On CUDA the graph's
 lengths are dynamic, so one prefill call compiles everything any later length or chunk uses. On the
 CPU the graph has a static position-table capacity (a power of two of at least 4096 keys, see
 :mod:`flexpbs.sparse_attention`), so the warm-up compiles one graph per capacity up to
@@ -23,9 +24,11 @@ import torch
 
 from flexpbs.config import PBSConfig
 from flexpbs.importance import key_importance, resolve_importance_kernel
+from flexpbs.lengths import SequenceLengths
 from flexpbs.pipeline import pbs_attention
 from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
+from flexpbs.varlen import varlen_attention
 
 
 def warmup(
@@ -113,6 +116,9 @@ def warmup(
     for q, k, v in inputs:  # compiles whatever is left (everything, without the thread)
         pbs_attention(q, k, v, cfg, return_stats=False)
     compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
+    # a packed batch (padded ones and the transformers integration's share its frames): the importance
+    # kernels' per-sequence variant, which a first serving batch would otherwise compile
+    varlen_attention(*_two_sequences(*inputs[0]), config=cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -134,21 +140,42 @@ class _KernelCompiler(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        cfg = self.cfg
         try:
             torch.cuda.set_device(self.device_index)
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 for q, k, _ in self.inputs:
-                    key_importance(
-                        q,
-                        k,
-                        block_size=cfg.block_size,
-                        segment_size=cfg.segment_size,
-                        scale=cfg.scale if cfg.scale is not None else q.shape[-1] ** -0.5,
-                        per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
-                        kernel="triton",
-                    )
+                    self._importance(q, k)
+                # a frame of two sequences: the kernels' per-sequence variant (packed, padded batches)
+                q, k, _ = self.inputs[0]
+                n = torch.tensor([k.shape[2], k.shape[2] // 2 + 1], device=k.device)
+                lengths = SequenceLengths(n, n, torch.zeros(2, dtype=torch.bool, device=k.device))
+                self._importance(torch.cat([q[:1], q[:1]]), torch.cat([k[:1], k[:1]]), lengths)
                 compile_copy_rows(self.dtype, self.device, self.dims)
             torch.cuda.synchronize(self.device)
         except BaseException as error:  # re-raised by the caller
             self.error = error
+
+    def _importance(self, q: torch.Tensor, k: torch.Tensor, lengths: SequenceLengths | None = None) -> None:
+        cfg = self.cfg
+        key_importance(
+            q,
+            k,
+            block_size=cfg.block_size,
+            segment_size=cfg.segment_size,
+            scale=cfg.scale if cfg.scale is not None else q.shape[-1] ** -0.5,
+            per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
+            kernel="triton",
+            lengths=lengths,
+        )
+
+
+def _two_sequences(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The warm-up prompt (``[B, H, N, D]``, its first batch element) and its first ``N // 2 + 1``
+    tokens as a packed batch: ``q, k, v [T, H, D]`` and ``cu_seqlens_q``, ``cu_seqlens_k``."""
+    n = k.shape[2]
+    m = n // 2 + 1
+    packed = (torch.cat([x[0, :, :n], x[0, :, :m]], dim=1).transpose(0, 1).contiguous() for x in (q, k, v))
+    cu = torch.tensor([0, n, n + m], dtype=torch.int32, device=q.device)
+    return (*packed, cu, cu)

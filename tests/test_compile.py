@@ -1,6 +1,8 @@
 """First-call latency on the CPU: new lengths and chunks reuse compiled graphs; the user's own compiled
 flex_attention keeps its recompile budget. Compilations are counted (dynamo's graph counter), not timed."""
 
+import itertools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -73,6 +75,23 @@ def test_single_permutation_rows_share_the_graph():
         q, k, v = make_qkv(Case(1, 2, 2, 1500, 16, 64, 128, seed=5))
         out = flexpbs.attention(q, k, v, **options, threshold=1.0)
         torch.testing.assert_close(out, sdpa_causal(q, k, v), rtol=0, atol=3e-5)
+    assert graphs() == before
+
+
+def test_after_warmup_packed_and_padded_batches_compile_nothing():
+    options = dict(block_size=64, segment_size=128, threshold=0.7)
+    flexpbs.warmup(4, 2, 16, dtype=torch.float32, device="cpu", **options)
+    before = graphs()
+    gen = torch.Generator().manual_seed(0)
+    lengths = [900, 300, 1500]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 16, generator=gen) for h in (4, 2, 2))
+    out = flexpbs.varlen_attention(q, k, v, cu, cu, **options)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    q, k, v = (torch.randn(2, h, 1500, 16, generator=gen) for h in (4, 2, 2))
+    valid = torch.arange(1500) < torch.tensor([[1500], [700]])
+    out = flexpbs.attention(q, k, v, valid_keys=valid, **options)
+    assert torch.isfinite(out[1, :, :700]).all()
     assert graphs() == before
 
 

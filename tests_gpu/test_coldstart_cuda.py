@@ -4,6 +4,7 @@ Compilations are counted, not timed: dynamo's graph count and the JIT caches of 
 importance and antidiagonal kernels (a new specialisation of either would cost a compile at that shape).
 """
 
+import itertools
 import sys
 
 import pytest
@@ -104,3 +105,27 @@ def test_one_kv_head_chunks_compile_nothing_after_warmup(backend):
                 compiled[(n_queries, n)] = compiled_variants() - before
             torch.testing.assert_close(out, whole)
     assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_packed_and_padded_batches_compile_nothing_after_warmup(backend):
+    """A serving engine's first packed batch: the warm-up also runs one, so the importance kernels'
+    per-sequence variant (frames) is compiled before traffic, as are the row copies."""
+    with torch.inference_mode():
+        options = warmed_up_options(backend)
+        before = compiled_variants()
+        lengths = [9001, 3000, 20000, 700]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(sum(lengths), h, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for h in (HEADS, KV_HEADS, KV_HEADS)
+        )
+        out = flexpbs.varlen_attention(q, k, v, cu, cu, **options)
+        assert torch.isfinite(out).all()
+        q, k, v = qkv(12000, 12000, seed=3)
+        valid = torch.arange(12000, device="cuda") < torch.tensor([[12000], [5000]], device="cuda")
+        q, k, v = (torch.cat([x, x]) for x in (q, k, v))
+        out = flexpbs.attention(q, k, v, valid_keys=valid, **options)
+        assert torch.isfinite(out[1, :, :5000]).all()
+        assert compiled_variants() == before
