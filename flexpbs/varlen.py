@@ -100,10 +100,8 @@ def varlen_attention(
 
 
 class _Offsets(NamedTuple):
-    """The offsets read on the host: ``cu_q``, ``cu_k`` ``[B + 1]`` and the per-sequence sizes."""
+    """The per-sequence sizes, read on the host from the offsets."""
 
-    cu_q: list[int]
-    cu_k: list[int]
     n_queries: list[int]
     n_keys: list[int]
 
@@ -433,4 +431,4 @@ def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k
             raise ValueError(
                 f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions"
             )
-    return _Offsets(*(cu for cu, _ in offsets.values()), q_lens, k_lens)
+    return _Offsets(q_lens, k_lens)
