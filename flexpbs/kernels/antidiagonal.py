@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.kernels.strides import kernel_strides
 from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
 
@@ -366,12 +367,7 @@ def launch(
     )
     tile, per_launch = plan.tile, plan.per_launch
     scratch = torch.empty(plan.scratch_elements, dtype=torch.float32, device=query.device)
-    # A dim of size 1 never multiplies its stride: 0 keeps a batch of one a 32-bit argument past 2^31
-    # elements, and one divisibility class for any size-1 dim's arbitrary stride.
-    q_strides, k_strides, out_strides = (
-        tuple(0 if size == 1 else stride for size, stride in zip(x.shape[:3], x.stride()[:3], strict=True))
-        for x in (query, key_p, out)
-    )
+    q_strides, k_strides, out_strides = (kernel_strides(x)[:3] for x in (query, key_p, out))
     for b0 in range(0, blocks, per_launch):
         b1 = min(b0 + per_launch, blocks)
         grid = (triton.cdiv(b1 - b0, tile["QB"]), plan.head_programs)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.kernels.strides import kernel_strides
 from flexpbs.lengths import SequenceLengths, last_queries
 from flexpbs.validation import check_inputs
 
@@ -81,10 +82,9 @@ def _stats_update(
 
 # Integer arguments that change with the lengths or the head chunk are not specialised (Triton would
 # compile a variant per divisibility by 16, or value 1, of each: a JIT compile at a new prompt length,
-# or at the first length whose head chunks hold one KV head). The strides are: they are multiples of
-# the head dim (of 16 for every usual one) in any layout, or 0 (:func:`_strides`), so one variant
-# serves every length, and a stride of unknown divisibility would make every q/K load element-wise
-# and unpipelined (2.2 instead of ~0.7 ms at 128K on an H100).
+# or at the first length whose head chunks hold one KV head). The strides are (``kernel_strides``: one
+# variant serves every length; unspecialised, every q/K load was element-wise and unpipelined, 2.2
+# instead of ~0.7 ms at 128K on an H100).
 _LENGTH_ARGS = ["kv_heads", "n_queries", "n_complete", "rows"]
 
 
@@ -351,14 +351,6 @@ def _mass_tiles(rows: int, d_pad: int, per_query_head: bool, fp32: bool) -> _Til
 _STATS_WAVES = 8
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    """``x``'s strides with 0 for a dim of size 1 (its index is always 0): a batch of one past 2^31
-    elements (a 512K-token query of 32 heads) would otherwise pass a 64-bit argument, which Triton
-    compiles as a variant of its own, and PyTorch gives size-1 dims arbitrary strides (another
-    divisibility class)."""
-    return tuple(0 if size == 1 else stride for size, stride in zip(x.shape, x.stride(), strict=True))
-
-
 def _common(query: torch.Tensor) -> dict:
     fp32_inputs = query.dtype == torch.float32
     return dict(
@@ -413,8 +405,8 @@ def _row_lse(
         key,
         part_max,
         part_sum,
-        *_strides(query),
-        *_strides(key),
+        *kernel_strides(query),
+        *kernel_strides(key),
         kv_heads,
         n_queries,
         n_complete,
@@ -466,9 +458,9 @@ def _column_mass(
         key,
         lse,
         out,
-        *_strides(query),
-        *_strides(key),
-        _strides(out)[0],
+        *kernel_strides(query),
+        *kernel_strides(key),
+        kernel_strides(out)[0],
         out.stride(1),
         kv_heads,
         n_queries,
