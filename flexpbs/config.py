@@ -182,6 +182,14 @@ class PBSConfig:
             raise ValueError("min_seq_len='auto' is resolved per call: use flexpbs.dispatch.resolve first")
         return n_keys <= self.segment_size or (self.min_seq_len is not None and n_keys < self.min_seq_len)
 
+    def softmax_scale(self, head_dim: int) -> float:
+        """``scale``, or ``head_dim ** -0.5`` when None."""
+        return self.scale if self.scale is not None else head_dim**-0.5
+
+    def uses_importance(self) -> bool:
+        """Whether the importance pass runs: to sort keys, or for the last query block's exact mass."""
+        return self.key_order == "sorted" or self.exact_last_block
+
 
 @dataclass(frozen=True)
 class PBSStats:

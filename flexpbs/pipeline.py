@@ -49,7 +49,7 @@ def pbs_attention(
     kernel = resolve_importance_kernel(cfg.importance_kernel, query.device)
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
-    softmax_scale = cfg.scale if cfg.scale is not None else head_dim**-0.5
+    softmax_scale = cfg.softmax_scale(head_dim)
     perm_heads = q_heads if cfg.gqa == "per_head" else kv_heads
 
     if lengths is None and (cfg.runs_dense(n_keys) or n_queries == 0):
@@ -74,9 +74,31 @@ def pbs_attention(
         key_positions=perm,
         density=density(tiles),
         dense=False,
-        importance_kernel=None if cfg.key_order == "original" and not cfg.exact_last_block else kernel,
+        importance_kernel=kernel if cfg.uses_importance() else None,
         sorted_rows=sorted_rows,
         backend=cfg.backend,
+    )
+
+
+def importance_pass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cfg: PBSConfig,
+    kernel: str,
+    scale: float,
+    lengths: SequenceLengths | None = None,
+) -> torch.Tensor:
+    """The importance pass of a call with ``cfg`` (:func:`flexpbs.importance.key_importance` by
+    ``kernel``): ``[B, Hp, Nc]`` float32, one row per query head when keys are sorted per query head."""
+    return key_importance(
+        query,
+        key,
+        block_size=cfg.block_size,
+        segment_size=cfg.segment_size,
+        scale=scale,
+        per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
+        kernel=kernel,
+        lengths=lengths,
     )
 
 
@@ -134,17 +156,8 @@ def _pbs_heads(
     """
     batch, n_keys = key.shape[0], key.shape[2]
     importance = None
-    if cfg.key_order == "sorted" or cfg.exact_last_block:
-        importance = key_importance(
-            query,
-            key,
-            block_size=cfg.block_size,
-            segment_size=cfg.segment_size,
-            scale=scale,
-            per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
-            kernel=importance_kernel,
-            lengths=lengths,
-        )
+    if cfg.uses_importance():
+        importance = importance_pass(query, key, cfg, importance_kernel, scale, lengths)
     if cfg.key_order == "original":  # identity order is shared by all heads: no K/V copies
         perm = identity_permutation(batch, key.shape[1], n_keys, query.device)
         key_p, value_p = key, value

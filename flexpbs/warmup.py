@@ -23,9 +23,9 @@ import time
 import torch
 
 from flexpbs.config import PBSConfig
-from flexpbs.importance import key_importance, resolve_importance_kernel
+from flexpbs.importance import resolve_importance_kernel
 from flexpbs.lengths import SequenceLengths
-from flexpbs.pipeline import pbs_attention
+from flexpbs.pipeline import importance_pass, pbs_attention
 from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
 from flexpbs.varlen import varlen_attention
@@ -97,10 +97,9 @@ def warmup(
         k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(device, dtype)
         v = torch.randn(batch, kv_heads, n_keys, value_dim, generator=gen).to(device, dtype)
         inputs.append((q, k, v))
-    uses_importance = cfg.key_order == "sorted" or cfg.exact_last_block
     if (
         device.type == "cuda"
-        and uses_importance
+        and cfg.uses_importance()
         and resolve_importance_kernel(cfg.importance_kernel, device) == "triton"
     ):
         # The Triton kernels launched outside the compiled graph compile in a thread while this one
@@ -144,29 +143,18 @@ class _KernelCompiler(threading.Thread):
             torch.cuda.set_device(self.device_index)
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 for q, k, _ in self.inputs:
-                    self._importance(q, k)
+                    importance_pass(q, k, self.cfg, "triton", self.cfg.softmax_scale(q.shape[-1]))
                 # a frame of two sequences: the kernels' per-sequence variant (packed, padded batches)
                 q, k, _ = self.inputs[0]
                 n = torch.tensor([k.shape[2], k.shape[2] // 2 + 1], device=k.device)
                 lengths = SequenceLengths(n, n, torch.zeros(2, dtype=torch.bool, device=k.device))
-                self._importance(torch.cat([q[:1], q[:1]]), torch.cat([k[:1], k[:1]]), lengths)
+                frame_q, frame_k = torch.cat([q[:1], q[:1]]), torch.cat([k[:1], k[:1]])
+                scale = self.cfg.softmax_scale(q.shape[-1])
+                importance_pass(frame_q, frame_k, self.cfg, "triton", scale, lengths)
                 compile_copy_rows(self.dtype, self.device, self.dims)
             torch.cuda.synchronize(self.device)
         except BaseException as error:  # re-raised by the caller
             self.error = error
-
-    def _importance(self, q: torch.Tensor, k: torch.Tensor, lengths: SequenceLengths | None = None) -> None:
-        cfg = self.cfg
-        key_importance(
-            q,
-            k,
-            block_size=cfg.block_size,
-            segment_size=cfg.segment_size,
-            scale=cfg.scale if cfg.scale is not None else q.shape[-1] ** -0.5,
-            per_query_head=cfg.gqa == "per_head" and cfg.key_order == "sorted",
-            kernel="triton",
-            lengths=lengths,
-        )
 
 
 def _two_sequences(
