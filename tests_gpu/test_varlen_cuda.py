@@ -75,4 +75,4 @@ def test_frames_by_length_synchronise_no_more_than_one_frame():
         one_frame = _synchronizations(call)
     with override(frame_short_keys=0):  # three frames: 6000 and 5000 keys, 4096, 300
         by_length = _synchronizations(call)
-    assert one_frame >= 1 and by_length == one_frame
+    assert one_frame >= 1 and by_length <= one_frame, (one_frame, by_length)
