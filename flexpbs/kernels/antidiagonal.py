@@ -78,7 +78,12 @@ def _tile_logits(
     k_rows = j * BLOCK + h * S
     d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, S):
+    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    # one loop over (offset t, feature chunk): Triton pipelines a single loop, each of its loads in
+    # num_stages buffers (an unrolled inner loop over chunks would buffer every chunk's loads)
+    for step in range(0, S * CHUNKS):
+        t = step // CHUNKS
+        d0 = (step % CHUNKS) * BLOCK_D
         x = q_rows + (S - 1 - t)
         q_ok = row_ok & (x >= q_first) & (x < q_end)
         y = k_rows + t
@@ -86,15 +91,14 @@ def _tile_logits(
         # int64 offsets: row * stride passes 2^31 at 512K keys in a [B, N, H, D] layout
         q_off = x.to(tl.int64) * stride_qn
         k_off = y.to(tl.int64) * stride_kn
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d_ok = (d0 + d) < D
-            q_mask = q_ok[:, None] & d_ok[None, :]
-            k_mask = k_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_rows_ptr[:, None] + q_off[:, None] + (d0 + d)[None, :], mask=q_mask, other=0.0)
-            k = tl.load(k_base + k_off[:, None] + (d0 + d)[None, :], mask=k_mask, other=0.0)
-            if UPCAST:
-                q, k = q.to(tl.float32), k.to(tl.float32)
-            acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        d_ok = (d0 + d) < D
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        k_mask = k_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_rows_ptr[:, None] + q_off[:, None] + (d0 + d)[None, :], mask=q_mask, other=0.0)
+        k = tl.load(k_base + k_off[:, None] + (d0 + d)[None, :], mask=k_mask, other=0.0)
+        if UPCAST:
+            q, k = q.to(tl.float32), k.to(tl.float32)
+        acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
     return tl.where(valid, acc * logit_scale, float("-inf"))
 
