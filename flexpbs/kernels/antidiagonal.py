@@ -197,19 +197,14 @@ def _antidiagonal_kernel(
     scratch_rows = scratch_ptr + (program.to(tl.int64) * BLOCK_M + m.to(tl.int64)) * n_columns
     kbs = tl.arange(0, KB)
 
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, n_cand_max, KB):
         s = _tile_logits(
             j0, kb, h, n_cand, n_cand_max, q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, n_keys,
             stride_qn, stride_kn, logit_scale, BLOCK, S, D, R, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
-        row_max = new_max
         # each key block's strided columns as one log-sum-exp: the row's normaliser is known only at
-        # the end, and these stand for the logits then (R times fewer values, no second pass over keys)
+        # the end, and these stand for the logits then (R times fewer values, no second pass over keys);
+        # the normaliser itself comes from them below (one exp2 per logit here, not two)
         blocks = tl.reshape(s, (BLOCK_M, KB, R_PAD))
         block_max = tl.max(blocks, 2)
         safe_block = tl.where(block_max == float("-inf"), 0.0, block_max)
@@ -221,6 +216,18 @@ def _antidiagonal_kernel(
         tl.store(scratch_rows[:, None] + jj[None, :], lse, mask=(jj < n_columns)[None, :])
     tl.debug_barrier()  # the loads below read what other threads of this program stored
 
+    # each row's normaliser: the log-sum-exp of its blocks' log-sum-exps (R times fewer values than logits)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(0, n_cand_max, KB):
+        jj = j0 + kbs
+        lse = tl.load(
+            scratch_rows[:, None] + jj[None, :], mask=(jj < n_cand_max)[None, :], other=float("-inf")
+        )
+        new_max = tl.maximum(row_max, tl.max(lse, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(lse - safe_max[:, None]), 1)
+        row_max = new_max
     row_lse = tl.where(row_max == float("-inf"), 0.0, row_max + tl.log2(tl.maximum(row_sum, 1e-30)))
     weight = tl.where(held, 1.0 / tl.maximum(n_held, 1.0), 0.0)
     # output row (query block, head in group) of each (QB, HEADS) pair
