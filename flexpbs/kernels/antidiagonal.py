@@ -256,13 +256,14 @@ def _antidiagonal_kernel(
 # Programs per SM a launch gets at least (query blocks go in several launches to bound the scratch).
 _MIN_PROGRAMS_PER_SM = 4
 
-# Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
-# of one program's logit tile, with the pipeline depth, largest first: the first whose loads fit the
-# device's shared memory. More rows mean fewer passes over the keys; more columns fewer reloads of the
-# query rows. 128 x 128 in 3 stages (8 warps) took 8.38 ms where 64 x 128 in 2 (4 warps) took 9.95, one
-# launch each, at 128K, stride 32, on an H100 (bench/RESULTS.md, session 11); the last fits ~100 KB of
-# shared memory.
-TILES = ((128, 128, 3), (128, 128, 2), (64, 128, 2))
+# Tile targets, largest first, the first whose loads fit the device's shared memory: rows (strided rows
+# x heads x query blocks) and columns (strided columns x key blocks) of one program's logit tile, the
+# feature chunk, the pipeline depth and the warps. More rows mean fewer passes over the keys, more
+# columns fewer reloads of the query rows; 64-wide feature chunks leave room for 256 columns in 4 stages.
+# At 128K, stride 32, on an H100 (bench/RESULTS.md, session 13): 128 x 256 / 64 / 4 stages / 16 warps
+# 5.84 ms, 128 x 256 / 64 / 3 / 8 6.76, 128 x 128 / 128 / 3 / 8 (the default before) 8.66. The second
+# fits an A100 (163 KB), the last ~100 KB.
+TILES = ((128, 256, 64, 4, 16), (128, 256, 64, 3, 8), (128, 128, 128, 2, 8), (64, 128, 64, 2, 4))
 
 
 def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, shared_bytes: int | None) -> dict:
@@ -270,8 +271,7 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
     block (None: no limit, the interpreter)."""
     r_pad = triton.next_power_of_2(per_block)
     g_pad = triton.next_power_of_2(group)
-    block_d = max(16, min(triton.next_power_of_2(head_dim), 128 if elem_bytes <= 2 else 64))
-    for tile_rows, tile_columns, stages in TILES:
+    for tile_rows, tile_columns, chunk, stages, target_warps in TILES:
         heads = min(g_pad, max(1, tile_rows // r_pad))
         query_blocks = max(1, tile_rows // (heads * r_pad)) if heads == g_pad else 1
         if query_blocks * heads * r_pad < 16:  # tl.dot needs 16 rows
@@ -279,7 +279,10 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
         columns = tile_columns if elem_bytes <= 2 else tile_columns // 2
         key_blocks = max(1, columns // r_pad, 16 // r_pad)
         rows, cols = query_blocks * heads * r_pad, key_blocks * r_pad
+        block_d = max(16, min(triton.next_power_of_2(head_dim), chunk if elem_bytes <= 2 else chunk // 2))
         # each stage holds a [rows, BLOCK_D] query tile and a [cols, BLOCK_D] key tile
+        # a tile smaller than its target (fp32, small groups) gets fewer warps, at least 4
+        warps = max(4, min(target_warps, target_warps * rows * cols // (tile_rows * tile_columns)))
         if shared_bytes is None or stages * (rows + cols) * block_d * elem_bytes <= shared_bytes:
             break
     return dict(
@@ -288,7 +291,7 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
         QB=query_blocks,
         KB=key_blocks,
         BLOCK_D=block_d,
-        num_warps=8 if rows * cols >= 128 * 128 else 4,
+        num_warps=warps,
         num_stages=stages,
     )
 
