@@ -260,10 +260,10 @@ _MIN_PROGRAMS_PER_SM = 4
 # x heads x query blocks) and columns (strided columns x key blocks) of one program's logit tile, the
 # feature chunk, the pipeline depth and the warps. More rows mean fewer passes over the keys, more
 # columns fewer reloads of the query rows; 64-wide feature chunks leave room for 256 columns in 4 stages.
-# At 128K, stride 32, on an H100 (bench/RESULTS.md, session 13): 128 x 256 / 64 / 4 stages / 16 warps
-# 5.84 ms, 128 x 256 / 64 / 3 / 8 6.76, 128 x 128 / 128 / 3 / 8 (the default before) 8.66. The second
-# fits an A100 (163 KB), the last ~100 KB.
-TILES = ((128, 256, 64, 4, 16), (128, 256, 64, 3, 8), (128, 128, 128, 2, 8), (64, 128, 64, 2, 4))
+# At 128K on an H100 (bench/RESULTS.md, session 13), strides 32 / 16 / 8: 128 x 256 / 64 / 4 stages / 16
+# warps 5.90 / 13.40 / 25.03 ms; in 3 stages 6.18 / 13.45 / 25.42 (fits an A100's 163 KB); 128 x 128 /
+# 128 / 3 / 8, the tiles before, 8.80 / 16.77 / 28.75. 512 columns failed in ptxas. The last fits ~100 KB.
+TILES = ((128, 256, 64, 4, 16), (128, 256, 64, 3, 16), (128, 128, 128, 2, 8), (64, 128, 64, 2, 4))
 
 
 def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, shared_bytes: int | None) -> dict:
