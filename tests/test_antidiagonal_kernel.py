@@ -142,7 +142,7 @@ def test_tiles_are_the_largest_whose_loads_fit_shared_memory(elem_bytes, stride)
         rows = shape["QB"] * shape["HEADS"] * shape["R_PAD"]
         cols = shape["KB"] * shape["R_PAD"]
         assert shape["num_stages"] * (rows + cols) * shape["BLOCK_D"] * elem_bytes <= shared
-        chosen.append((rows, shape["num_stages"]))
+        chosen.append((rows * cols, shape["num_stages"]))
     assert chosen == sorted(chosen, reverse=True)  # less shared memory, never larger tiles
     assert tile_shape(4, 128 // stride, 128, elem_bytes, None) == tile_shape(
         4, 128 // stride, 128, elem_bytes, 232_448

@@ -78,7 +78,12 @@ def _tile_logits(
     k_rows = j * BLOCK + h * S
     d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, S):
+    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    # one loop over (offset t, feature chunk): Triton pipelines a single loop, each of its loads in
+    # num_stages buffers (an unrolled inner loop over chunks would buffer every chunk's loads)
+    for step in range(0, S * CHUNKS):
+        t = step // CHUNKS
+        d0 = (step % CHUNKS) * BLOCK_D
         x = q_rows + (S - 1 - t)
         q_ok = row_ok & (x >= q_first) & (x < q_end)
         y = k_rows + t
@@ -86,15 +91,14 @@ def _tile_logits(
         # int64 offsets: row * stride passes 2^31 at 512K keys in a [B, N, H, D] layout
         q_off = x.to(tl.int64) * stride_qn
         k_off = y.to(tl.int64) * stride_kn
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d_ok = (d0 + d) < D
-            q_mask = q_ok[:, None] & d_ok[None, :]
-            k_mask = k_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_rows_ptr[:, None] + q_off[:, None] + (d0 + d)[None, :], mask=q_mask, other=0.0)
-            k = tl.load(k_base + k_off[:, None] + (d0 + d)[None, :], mask=k_mask, other=0.0)
-            if UPCAST:
-                q, k = q.to(tl.float32), k.to(tl.float32)
-            acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        d_ok = (d0 + d) < D
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        k_mask = k_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_rows_ptr[:, None] + q_off[:, None] + (d0 + d)[None, :], mask=q_mask, other=0.0)
+        k = tl.load(k_base + k_off[:, None] + (d0 + d)[None, :], mask=k_mask, other=0.0)
+        if UPCAST:
+            q, k = q.to(tl.float32), k.to(tl.float32)
+        acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     valid = col_ok[None, :] & (j[None, :] < n_cand[:, None])
     return tl.where(valid, acc * logit_scale, float("-inf"))
 
@@ -193,19 +197,14 @@ def _antidiagonal_kernel(
     scratch_rows = scratch_ptr + (program.to(tl.int64) * BLOCK_M + m.to(tl.int64)) * n_columns
     kbs = tl.arange(0, KB)
 
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, n_cand_max, KB):
         s = _tile_logits(
             j0, kb, h, n_cand, n_cand_max, q_rows_ptr, q_rows, row_ok, q_first, q_end, k_base, n_keys,
             stride_qn, stride_kn, logit_scale, BLOCK, S, D, R, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # fmt: skip
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
-        row_max = new_max
         # each key block's strided columns as one log-sum-exp: the row's normaliser is known only at
-        # the end, and these stand for the logits then (R times fewer values, no second pass over keys)
+        # the end, and these stand for the logits then (R times fewer values, no second pass over keys);
+        # the normaliser itself comes from them below (one exp2 per logit here, not two)
         blocks = tl.reshape(s, (BLOCK_M, KB, R_PAD))
         block_max = tl.max(blocks, 2)
         safe_block = tl.where(block_max == float("-inf"), 0.0, block_max)
@@ -217,6 +216,18 @@ def _antidiagonal_kernel(
         tl.store(scratch_rows[:, None] + jj[None, :], lse, mask=(jj < n_columns)[None, :])
     tl.debug_barrier()  # the loads below read what other threads of this program stored
 
+    # each row's normaliser: the log-sum-exp of its blocks' log-sum-exps (R times fewer values than logits)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(0, n_cand_max, KB):
+        jj = j0 + kbs
+        lse = tl.load(
+            scratch_rows[:, None] + jj[None, :], mask=(jj < n_cand_max)[None, :], other=float("-inf")
+        )
+        new_max = tl.maximum(row_max, tl.max(lse, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(lse - safe_max[:, None]), 1)
+        row_max = new_max
     row_lse = tl.where(row_max == float("-inf"), 0.0, row_max + tl.log2(tl.maximum(row_sum, 1e-30)))
     weight = tl.where(held, 1.0 / tl.maximum(n_held, 1.0), 0.0)
     # output row (query block, head in group) of each (QB, HEADS) pair
@@ -245,13 +256,14 @@ def _antidiagonal_kernel(
 # Programs per SM a launch gets at least (query blocks go in several launches to bound the scratch).
 _MIN_PROGRAMS_PER_SM = 4
 
-# Tile targets: rows (strided rows x heads x query blocks) and columns (strided columns x key blocks)
-# of one program's logit tile, with the pipeline depth, largest first: the first whose loads fit the
-# device's shared memory. More rows mean fewer passes over the keys; more columns fewer reloads of the
-# query rows. 128 x 128 in 3 stages (8 warps) took 8.38 ms where 64 x 128 in 2 (4 warps) took 9.95, one
-# launch each, at 128K, stride 32, on an H100 (bench/RESULTS.md, session 11); the last fits ~100 KB of
-# shared memory.
-TILES = ((128, 128, 3), (128, 128, 2), (64, 128, 2))
+# Tile targets, largest first, the first whose loads fit the device's shared memory: rows (strided rows
+# x heads x query blocks) and columns (strided columns x key blocks) of one program's logit tile, the
+# feature chunk, the pipeline depth and the warps. More rows mean fewer passes over the keys, more
+# columns fewer reloads of the query rows; 64-wide feature chunks leave room for 256 columns in 4 stages.
+# At 128K on an H100 (bench/RESULTS.md, session 13), strides 32 / 16 / 8: 128 x 256 / 64 / 4 stages / 16
+# warps 5.90 / 13.40 / 25.03 ms; in 3 stages 6.18 / 13.45 / 25.42 (fits an A100's 163 KB); 128 x 128 /
+# 128 / 3 / 8, the tiles before, 8.80 / 16.77 / 28.75. 512 columns failed in ptxas. The last fits ~100 KB.
+TILES = ((128, 256, 64, 4, 16), (128, 256, 64, 3, 16), (128, 128, 128, 2, 8), (64, 128, 64, 2, 4))
 
 
 def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, shared_bytes: int | None) -> dict:
@@ -259,8 +271,7 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
     block (None: no limit, the interpreter)."""
     r_pad = triton.next_power_of_2(per_block)
     g_pad = triton.next_power_of_2(group)
-    block_d = max(16, min(triton.next_power_of_2(head_dim), 128 if elem_bytes <= 2 else 64))
-    for tile_rows, tile_columns, stages in TILES:
+    for tile_rows, tile_columns, chunk, stages, target_warps in TILES:
         heads = min(g_pad, max(1, tile_rows // r_pad))
         query_blocks = max(1, tile_rows // (heads * r_pad)) if heads == g_pad else 1
         if query_blocks * heads * r_pad < 16:  # tl.dot needs 16 rows
@@ -268,7 +279,10 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
         columns = tile_columns if elem_bytes <= 2 else tile_columns // 2
         key_blocks = max(1, columns // r_pad, 16 // r_pad)
         rows, cols = query_blocks * heads * r_pad, key_blocks * r_pad
+        block_d = max(16, min(triton.next_power_of_2(head_dim), chunk if elem_bytes <= 2 else chunk // 2))
         # each stage holds a [rows, BLOCK_D] query tile and a [cols, BLOCK_D] key tile
+        # a tile smaller than its target (fp32, small groups) gets fewer warps, at least 4
+        warps = max(4, min(target_warps, target_warps * rows * cols // (tile_rows * tile_columns)))
         if shared_bytes is None or stages * (rows + cols) * block_d * elem_bytes <= shared_bytes:
             break
     return dict(
@@ -277,7 +291,7 @@ def tile_shape(group: int, per_block: int, head_dim: int, elem_bytes: int, share
         QB=query_blocks,
         KB=key_blocks,
         BLOCK_D=block_d,
-        num_warps=8 if rows * cols >= 128 * 128 else 4,
+        num_warps=warps,
         num_stages=stages,
     )
 
