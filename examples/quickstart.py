@@ -116,7 +116,7 @@ def main() -> None:
     )
     print(
         f"time: flexpbs {t_pbs:.1f} ms, dense SDPA {t_dense:.1f} ms "
-        f"(ratio {t_dense / t_pbs:.2f}x; on CPU dense usually wins, PBS pays off on GPUs past ~24K)"
+        f"(ratio {t_dense / t_pbs:.2f}x; on CPU dense usually wins, PBS pays off on GPUs past ~16K)"
     )
 
 

@@ -19,10 +19,11 @@ from flexpbs.config import PBSConfig
 # Key length from which PBS ran at least 1.10x SDPA cuDNN's speed at every longer length measured, per
 # CUDA compute capability and backend, for half precision (B=1, Hq=32, Hkv=8, D=128, bf16, the synthetic
 # workload at threshold 0.9; the margin absorbs run-to-run noise of host-bound calls). 9.0: the larger
-# of an H100's and an H200's, torch 2.11 (bench/RESULTS.md, sessions 7 and 8): the H100 at 16384 ran 1.08x
-# (Triton) and 1.03x (FLASH), at 24576 1.23x and 1.73x. Regenerate with ``python -m bench breakeven``.
+# of an H100's (session 13: Triton 16384, FLASH 14336) and an H200's (session 7: Triton 20480, its
+# 16384 at 1.09x; FLASH 16384), torch 2.11 (bench/RESULTS.md). Regenerate with ``python -m bench
+# breakeven``.
 BREAK_EVEN: dict[tuple[int, int], dict[str, int]] = {
-    (9, 0): {"triton": 24576, "flash": 24576},
+    (9, 0): {"triton": 20480, "flash": 16384},
 }
 # Other GPUs, and float32 everywhere: where no measurement exists, PBS only from this length.
 FALLBACK_BREAK_EVEN = 32768
