@@ -142,14 +142,14 @@ class _KernelCompiler(threading.Thread):
         try:
             torch.cuda.set_device(self.device_index)
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
+                scale = self.cfg.softmax_scale(self.inputs[0][0].shape[-1])  # one head dim
                 for q, k, _ in self.inputs:
-                    importance_pass(q, k, self.cfg, "triton", self.cfg.softmax_scale(q.shape[-1]))
+                    importance_pass(q, k, self.cfg, "triton", scale)
                 # a frame of two sequences: the kernels' per-sequence variant (packed, padded batches)
                 q, k, _ = self.inputs[0]
                 n = torch.tensor([k.shape[2], k.shape[2] // 2 + 1], device=k.device)
                 lengths = SequenceLengths(n, n, torch.zeros(2, dtype=torch.bool, device=k.device))
                 frame_q, frame_k = torch.cat([q[:1], q[:1]]), torch.cat([k[:1], k[:1]])
-                scale = self.cfg.softmax_scale(q.shape[-1])
                 importance_pass(frame_q, frame_k, self.cfg, "triton", scale, lengths)
                 compile_copy_rows(self.dtype, self.device, self.dims)
             torch.cuda.synchronize(self.device)

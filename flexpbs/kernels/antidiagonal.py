@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.kernels import count_variants
 from flexpbs.kernels.strides import kernel_strides
 from flexpbs.lengths import SequenceLengths
 from flexpbs.limits import LIMITS
@@ -471,4 +472,4 @@ def triton_tile_scores(
 def compiled_variants() -> int:
     """Compiled variants of the antidiagonal kernel in this process (Triton compiles one per
     specialisation of its arguments): counts what a call at a new shape compiled."""
-    return sum(len(cache) for cache, *_ in getattr(_antidiagonal_kernel, "device_caches", {}).values())
+    return count_variants(_antidiagonal_kernel)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.kernels import count_variants
 from flexpbs.kernels.strides import kernel_strides
 from flexpbs.lengths import SequenceLengths, last_queries
 from flexpbs.validation import check_inputs
@@ -660,5 +661,4 @@ def triton_last_block_importance(
 def compiled_variants() -> int:
     """Compiled variants of the importance kernels in this process (Triton compiles one per
     specialisation of their arguments): counts what a call at a new shape compiled."""
-    kernels = (_row_stats_kernel, _merge_stats_kernel, _column_mass_kernel)
-    return sum(len(cache) for fn in kernels for cache, *_ in getattr(fn, "device_caches", {}).values())
+    return count_variants(_row_stats_kernel, _merge_stats_kernel, _column_mass_kernel)
