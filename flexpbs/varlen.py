@@ -416,8 +416,9 @@ def _check_packed(
 
 
 def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int) -> _Offsets:
-    """Reads the offsets (a host synchronisation) and checks them."""
-    offsets = {"cu_seqlens_q": (cu_q.tolist(), total_q), "cu_seqlens_k": (cu_k.tolist(), total_k)}
+    """Reads the offsets (one host synchronisation for both) and checks them."""
+    both = torch.stack((cu_q, cu_k)).tolist()
+    offsets = {"cu_seqlens_q": (both[0], total_q), "cu_seqlens_k": (both[1], total_k)}
     for name, (cu, total) in offsets.items():
         if cu[0] != 0:
             raise ValueError(f"{name} must start at 0, got {cu[0]}")

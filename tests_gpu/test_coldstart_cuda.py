@@ -1,7 +1,8 @@
 """After ``flexpbs.warmup``, new prompt lengths and new chunk shapes compile nothing on the GPU.
 
 Compilations are counted, not timed: dynamo's graph count and the JIT caches of the Triton
-importance and antidiagonal kernels (a new specialisation of either would cost a compile at that shape).
+importance, antidiagonal and row-copy kernels (a new specialisation of any would cost a compile at that
+shape).
 """
 
 import itertools
@@ -14,6 +15,7 @@ from torch._dynamo.utils import counters
 import flexpbs
 from flexpbs.kernels import antidiagonal
 from flexpbs.kernels import importance as kernels
+from flexpbs.kernels import rows
 from flexpbs.limits import override
 from flexpbs.pipeline import kv_heads_per_chunk_of_size
 
@@ -22,14 +24,15 @@ HEADS, KV_HEADS, D = 8, 2, 128
 
 
 def compiled_variants() -> int:
-    """Dynamo graphs plus compiled variants of the importance kernels and of flash-attn-4's kernels,
-    in this process so far."""
+    """Dynamo graphs plus compiled variants of the importance, antidiagonal and row-copy kernels and of
+    flash-attn-4's kernels, in this process so far."""
     fa4 = sys.modules.get("flash_attn.cute.interface")
     cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
     jit = (
         len(getattr(cache, "cache", cache or ()))
         + kernels.compiled_variants()
         + antidiagonal.compiled_variants()
+        + rows.compiled_variants()
     )
     return counters["stats"]["unique_graphs"] + jit
 

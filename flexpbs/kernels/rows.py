@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flexpbs.kernels import count_variants
 from flexpbs.rows import RowLayout
 
 _ROWS_PER_PROGRAM = 32
@@ -91,3 +92,8 @@ def triton_copy_rows(
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
+
+
+def compiled_variants() -> int:
+    """Compiled variants of the row-copy kernel in this process: counts what a call compiled."""
+    return count_variants(_copy_rows_kernel)
