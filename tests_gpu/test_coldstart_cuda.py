@@ -13,9 +13,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import flexpbs
-from flexpbs.kernels import antidiagonal
+from flexpbs.kernels import antidiagonal, rows
 from flexpbs.kernels import importance as kernels
-from flexpbs.kernels import rows
 from flexpbs.limits import override
 from flexpbs.pipeline import kv_heads_per_chunk_of_size
 
