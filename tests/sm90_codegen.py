@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 import flexpbs.kernels.antidiagonal as antidiagonal
 import flexpbs.kernels.importance as importance
 import flexpbs.kernels.rows as rows_module
+from flexpbs.lengths import SequenceLengths
 from flexpbs.rows import frame_layout, packed_layout
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
@@ -40,6 +41,15 @@ class Recorder:
 
 
 def compile_sm90(kernel, args: tuple, kwargs: dict):
+    signature, constants, attrs, options = specialisation(kernel, args, kwargs)
+    source = ASTSource(kernel, signature, constants, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def specialisation(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """``(signature, constants, attributes, options)`` of a launch: calls that agree share one compiled
+    variant of the kernel."""
+    kwargs = dict(kwargs)
     params = list(inspect.signature(kernel.fn).parameters)
     unspecialised = {params[i] if isinstance(i, int) else i for i in (kernel.do_not_specialize or ())}
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -60,8 +70,7 @@ def compile_sm90(kernel, args: tuple, kwargs: dict):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if name not in unspecialised and value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(kernel, signature, constants, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return signature, constants, attrs, options
 
 
 def global_loads(ptx: str) -> dict[str, int]:
@@ -84,8 +93,21 @@ def main() -> None:
     importance.triton_last_block_importance(
         query, key, block_size=128, segment_size=256, scale=d**-0.5, per_query_head=False
     )
+    # a frame of four sequences (a packed or padded batch) must reuse the single sequence's variants
+    n_keys = torch.tensor([32768, 20000, 9000, 512])
+    frame_q = torch.empty(4, n // 4, q_heads, d, dtype=torch.bfloat16).transpose(1, 2)
+    frame_k = torch.empty(4, n // 4, kv_heads, d, dtype=torch.bfloat16).transpose(1, 2)
+    importance.triton_last_block_importance(
+        frame_q, frame_k, block_size=128, segment_size=256, scale=d**-0.5, per_query_head=False,
+        lengths=SequenceLengths(n_keys, n_keys // 2, torch.tensor([False, False, False, True])),
+    )  # fmt: skip
+    shared = {}
     for name in names:
         recorded[name] = getattr(importance, name)
+        single, frame = recorded[name].calls[:2]
+        shared[name] = specialisation(recorded[name].kernel, *single) == specialisation(
+            recorded[name].kernel, *frame
+        )
     antidiagonal._antidiagonal_kernel = Recorder(antidiagonal._antidiagonal_kernel)
     blocks = n // 128
     first = torch.zeros(1, dtype=torch.int64)
@@ -109,6 +131,7 @@ def main() -> None:
         args, kwargs = recorder.calls[0]
         compiled = compile_sm90(recorder.kernel, args, dict(kwargs))
         report[name] = dict(loads=global_loads(compiled.asm["ptx"]), shared=compiled.metadata.shared)
+    report["frames_share_variants"] = shared
     json.dump(report, sys.stdout)
 
 

@@ -43,3 +43,10 @@ def test_the_row_copy_kernel_moves_rows_in_16_byte_vectors(report):
     loads = report["_copy_rows_kernel"]["loads"]
     assert loads.get("ld.global.v4.b32", 0) > 0, loads  # 8 bf16 features per load
     assert not [op for op in loads if op.endswith((".b16", ".u16"))], loads
+
+
+@pytest.mark.parametrize("kernel", ["_row_stats_kernel", "_merge_stats_kernel", "_column_mass_kernel"])
+def test_frames_and_single_sequences_share_the_importance_kernels_compiled_variant(report, kernel):
+    """Per-sequence lengths are a runtime flag, not a constexpr: the warm-up compiles each kernel once
+    (a second variant compiled in the warm-up's thread while flash-attn-4 compiled, session 14)."""
+    assert report["frames_share_variants"][kernel]

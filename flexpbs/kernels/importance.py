@@ -89,7 +89,7 @@ def _stats_update(
 _LENGTH_ARGS = ["kv_heads", "n_queries", "n_complete", "rows"]
 
 
-@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "tiles_per_split", "stats_per_split"])
+@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "tiles_per_split", "stats_per_split", "varlen"])
 def _row_stats_kernel(
     q_ptr,
     k_ptr,
@@ -113,6 +113,7 @@ def _row_stats_kernel(
     scale_log2,
     rows_ptr,
     complete_ptr,
+    varlen,
     GROUP: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,7 +121,6 @@ def _row_stats_kernel(
     POSITIVE_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
 ):
     """Partial softmax statistics of one tile of query rows over one range of keys.
 
@@ -128,7 +128,8 @@ def _row_stats_kernel(
     to each other and share its key tiles in L2. The rows of a KV group are flattened head-major:
     flat row ``m`` is row ``m % rows`` of the last block of query head ``kv * GROUP + m // rows``,
     which is also its offset in the ``[B, Hq, rows]`` statistics.
-    Writes ``max_ptr/sum_ptr[split, b, h, r]`` (float32, base-2 logits). ``VARLEN``: sequence b uses its
+    Writes ``max_ptr/sum_ptr[split, b, h, r]`` (float32, base-2 logits). ``varlen`` (a runtime flag:
+    one compiled variant serves frames and single sequences): sequence b uses its
     first ``rows_ptr[b]`` rows and ``complete_ptr[b]`` keys (a split past them stays empty: -inf, 0).
     """
     row_tile = tl.program_id(0)
@@ -142,7 +143,7 @@ def _row_stats_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < group_rows
-    if VARLEN:
+    if varlen != 0:
         n_complete = tl.load(complete_ptr + batch)
         row_ok = row_ok & (offs_m % rows < tl.load(rows_ptr + batch))
     d_ok = offs_d < head_dim
@@ -212,7 +213,7 @@ def _merge_stats_kernel(max_ptr, sum_ptr, lse_ptr, n_stats, splits, BLOCK: tl.co
     tl.store(lse_ptr + offs, top + tl.log2(tl.maximum(total, 1.0)), mask=ok)
 
 
-@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "stride_ob", "stride_oh"])
+@triton.jit(do_not_specialize=[*_LENGTH_ARGS, "stride_ob", "stride_oh", "varlen"])
 def _column_mass_kernel(
     q_ptr,
     k_ptr,
@@ -237,6 +238,7 @@ def _column_mass_kernel(
     inv_count,
     rows_ptr,
     complete_ptr,
+    varlen,
     GROUP: tl.constexpr,
     HEADS_PER_OUT: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -244,14 +246,13 @@ def _column_mass_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
 ):
     """Mean softmax probability of one tile of keys, for every output head of one KV head.
 
     Program ``(key tile, batch * kv_heads + kv head)``. The key tile is loaded once and meets the
     last-block rows of all ``GROUP`` query heads of its KV group. Output head ``o`` averages the
     ``HEADS_PER_OUT`` query heads ``o * HEADS_PER_OUT ...`` (all of the group when shared, one per
-    query head otherwise). Writes ``out[b, o, tile]`` (float32). ``VARLEN``: as in
+    query head otherwise). Writes ``out[b, o, tile]`` (float32). ``varlen``: as in
     :func:`_row_stats_kernel`; columns past a sequence's ``complete_ptr[b]`` are not written.
     """
     out_per_kv = GROUP // HEADS_PER_OUT
@@ -264,7 +265,7 @@ def _column_mass_kernel(
     cols = key_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     used_rows = rows
-    if VARLEN:
+    if varlen != 0:
         n_complete = tl.load(complete_ptr + batch)
         used_rows = tl.load(rows_ptr + batch)
         inv_count = 1.0 / (HEADS_PER_OUT * used_rows).to(tl.float32)
@@ -418,12 +419,12 @@ def _row_lse(
         scale_log2,
         rows_ptr,
         complete_ptr,
+        int(varlen is not None),
         GROUP=group,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         POSITIVE_SCALE=scale_log2 >= 0,
-        VARLEN=varlen is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # see _stats_update
@@ -471,6 +472,7 @@ def _column_mass(
         scale_log2,
         1.0 / (heads_per_out * rows),
         *(varlen if varlen is not None else (_unused(query.device),) * 2),
+        int(varlen is not None),
         GROUP=group,
         HEADS_PER_OUT=heads_per_out,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
@@ -478,7 +480,6 @@ def _column_mass(
         BLOCK_N=tiles.block_n,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        VARLEN=varlen is not None,
         **_common(query),
     )
 
