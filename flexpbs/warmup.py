@@ -115,8 +115,8 @@ def warmup(
     for q, k, v in inputs:  # compiles whatever is left (everything, without the thread)
         pbs_attention(q, k, v, cfg, return_stats=False)
     compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
-    # a packed batch (padded ones and the transformers integration's share its frames): the importance
-    # kernels' per-sequence variant, which a first serving batch would otherwise compile
+    # a packed batch (padded ones and the transformers integration's share its frames): whatever a first
+    # serving batch would otherwise compile (its graph call and kernels are those of single sequences)
     varlen_attention(*_two_sequences(*inputs[0]), config=cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,7 +145,8 @@ class _KernelCompiler(threading.Thread):
                 scale = self.cfg.softmax_scale(self.inputs[0][0].shape[-1])  # one head dim
                 for q, k, _ in self.inputs:
                     importance_pass(q, k, self.cfg, "triton", scale)
-                # a frame of two sequences: the kernels' per-sequence variant (packed, padded batches)
+                # a frame of two sequences (packed, padded batches): the same compiled variants, with
+                # per-sequence lengths at run time; scored here in case a layout specialises differently
                 q, k, _ = self.inputs[0]
                 n = torch.tensor([k.shape[2], k.shape[2] // 2 + 1], device=k.device)
                 lengths = SequenceLengths(n, n, torch.zeros(2, dtype=torch.bool, device=k.device))

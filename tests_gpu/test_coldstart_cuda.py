@@ -111,8 +111,8 @@ def test_one_kv_head_chunks_compile_nothing_after_warmup(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "flash"])
 def test_packed_and_padded_batches_compile_nothing_after_warmup(backend):
-    """A serving engine's first packed batch: the warm-up also runs one, so the importance kernels'
-    per-sequence variant (frames) is compiled before traffic, as are the row copies."""
+    """A serving engine's first packed batch: the warm-up also runs one, so nothing a frame needs (the
+    importance kernels with per-sequence lengths, the row copies) compiles after it."""
     with torch.inference_mode():
         options = warmed_up_options(backend)
         before = compiled_variants()
