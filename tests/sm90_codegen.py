@@ -6,7 +6,9 @@ Hkv=8, D=128, bf16, the pipeline's [B, N, H, D] storage; the row copy moves its 
 sequences); a stand-in records the launch's arguments
 instead of running it, and the kernel is then compiled with them under Triton's specialisation rules
 (integers not in ``do_not_specialize``: the value 1 is a constant, multiples of 16 are marked
-divisible; pointers are 16-byte aligned), as the GPU would compile it.
+divisible; pointers are 16-byte aligned), as the GPU would compile it. The importance kernels are also
+launched on a frame of four sequences, and whether its launches specialise like the single sequence's
+(one compiled variant for both) is reported.
 """
 
 from __future__ import annotations
