@@ -1,9 +1,9 @@
 """``flexpbs.warmup``: compile what a process needs before traffic arrives.
 
 What compiles, once per process: FlexAttention's graph for a (dtype, head shape, batch size, block
-size, kernel options, grad mode) and, on CUDA, the Triton importance kernels (for single sequences and
-for frames of packed or padded batches) and the row-copy kernel of packed batches (:mod:`flexpbs.rows`):
-a packed batch runs once too. On CUDA the graph's
+size, kernel options, grad mode) and, on CUDA, the Triton importance kernels (one variant serves single
+sequences and frames of packed or padded batches) and the row-copy kernel of packed batches
+(:mod:`flexpbs.rows`): a packed batch runs once too. On CUDA the graph's
 lengths are dynamic, so one prefill call compiles everything any later length or chunk uses. On the
 CPU the graph has a static position-table capacity (a power of two of at least 4096 keys, see
 :mod:`flexpbs.sparse_attention`), so the warm-up compiles one graph per capacity up to
@@ -24,7 +24,6 @@ import torch
 
 from flexpbs.config import PBSConfig
 from flexpbs.importance import resolve_importance_kernel
-from flexpbs.lengths import SequenceLengths
 from flexpbs.pipeline import importance_pass, pbs_attention
 from flexpbs.rows import compile_copy_rows
 from flexpbs.sparse_attention import CPU_MIN_CAPACITY
@@ -114,9 +113,8 @@ def warmup(
             raise worker.error
     for q, k, v in inputs:  # compiles whatever is left (everything, without the thread)
         pbs_attention(q, k, v, cfg, return_stats=False)
-    compile_copy_rows(dtype, device, {head_dim, value_dim})  # packed batches' frames (varlen)
-    # a packed batch (padded ones and the transformers integration's share its frames): whatever a first
-    # serving batch would otherwise compile (its graph call and kernels are those of single sequences)
+    # a packed batch (padded ones and the transformers integration's share its frames): compiles the row
+    # copies where the thread did not; its graph call and importance kernels are single sequences' own
     varlen_attention(*_two_sequences(*inputs[0]), config=cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,13 +143,6 @@ class _KernelCompiler(threading.Thread):
                 scale = self.cfg.softmax_scale(self.inputs[0][0].shape[-1])  # one head dim
                 for q, k, _ in self.inputs:
                     importance_pass(q, k, self.cfg, "triton", scale)
-                # a frame of two sequences (packed, padded batches): the same compiled variants, with
-                # per-sequence lengths at run time; scored here in case a layout specialises differently
-                q, k, _ = self.inputs[0]
-                n = torch.tensor([k.shape[2], k.shape[2] // 2 + 1], device=k.device)
-                lengths = SequenceLengths(n, n, torch.zeros(2, dtype=torch.bool, device=k.device))
-                frame_q, frame_k = torch.cat([q[:1], q[:1]]), torch.cat([k[:1], k[:1]])
-                importance_pass(frame_q, frame_k, self.cfg, "triton", scale, lengths)
                 compile_copy_rows(self.dtype, self.device, self.dims)
             torch.cuda.synchronize(self.device)
         except BaseException as error:  # re-raised by the caller
