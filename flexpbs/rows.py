@@ -84,6 +84,27 @@ def to_frame(
     return out
 
 
+def copy_tensor_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[...] = src`` for ``[B, H, L, D]`` tensors of any strides whose D is contiguous: on CUDA by
+    :func:`copy_rows`'s kernel, about twice as fast as PyTorch's copy between such layouts (a ``[B, N, H,
+    D]`` tensor seen as ``[B, H, N, D]``, as transformers passes queries and takes outputs)."""
+    rows = src.shape[0] * src.shape[2]
+    if not src.is_cuda or src.stride(-1) != 1 or dst.stride(-1) != 1 or rows == 0 or not triton_importable():
+        dst.copy_(src)
+        return
+    copy_rows(src, frame_layout(src), torch.arange(rows, device=src.device), dst, frame_layout(dst))
+
+
+def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, L, D]`` as a contiguous tensor: ``x`` itself when it is one, else a copy by
+    :func:`copy_tensor_rows`."""
+    if x.is_contiguous():
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    copy_tensor_rows(x, out)
+    return out
+
+
 def _blocks(x: torch.Tensor, layout: RowLayout, heads: int, head_dim: int) -> torch.Tensor:
     """``x`` as a ``[batch, length, H, D]`` view of its storage."""
     return x.as_strided(

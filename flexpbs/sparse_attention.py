@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexpbs.block_mask import block_lists, causal_mask_mod
+from flexpbs.rows import contiguous_rows
 from flexpbs.tile_grid import cdiv
 
 # Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
@@ -228,7 +229,7 @@ def _folded_flex(
     rows = batch * key_p.shape[1]
     group = q_heads // key_p.shape[1]
     _prime(query, value_p.shape[-1], group, positions, block_size, scale, kernel_options, dynamic_table)
-    q_f = _contiguous(query, (rows, group, *query.shape[2:]))
+    q_f = contiguous_rows(query).view(-1).view(rows, group, *query.shape[2:])  # canonical strides
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
     lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
     per_row = (
@@ -321,8 +322,8 @@ def _mark_dynamic(part: tuple[torch.Tensor, ...], dynamic_table: bool) -> None:
 def _contiguous(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``x`` as a contiguous ``shape`` with the canonical strides (a copy only when ``x`` is not
     contiguous): compiled graphs are specialised on stride patterns, which views of other tensors (a
-    chunk of a prompt, transformers' [B, N, H, D] projections seen as [B, H, N, D], a head slice with a
-    size-1 batch) would otherwise vary."""
+    chunk of a prompt, a head slice with a size-1 batch) would otherwise vary. Queries, the largest,
+    are copied by :func:`flexpbs.rows.contiguous_rows`."""
     return x.contiguous().view(-1).view(shape)
 
 

@@ -7,7 +7,9 @@ pipeline runs once over the frame: importance, permutation, selection and the bl
 sequence at once, and one FlexAttention call (per head chunk) computes them all. No tile spans two
 sequences and no query sees another sequence's keys, since each sequence has its own frame row. When
 the offsets are read, sequences of very different lengths get frames of their own lengths
-(:func:`frame_groups`). :func:`frame_attention` also serves padded batches (:mod:`flexpbs.padding`).
+(:func:`frame_groups`); a sequence alone in its group, or in the batch, needs no frame and runs as a
+call on it alone, on views of the packed tensors. :func:`frame_attention` also serves padded batches
+(:mod:`flexpbs.padding`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def varlen_attention(
             raise TypeError(f"{name} must be a non-negative int or None, got {value_!r}")
     cfg = resolve(cfg, query, value)
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
+    if cu_seqlens_q.shape[0] == 2:  # one sequence: its sizes are the totals, known without the offsets
+        if query.shape[0] > key.shape[0]:
+            raise ValueError(
+                f"sequence 0 has {query.shape[0]} queries but {key.shape[0]} keys: the queries are the "
+                "last keys' positions"
+            )
+        stats = _alone(out, query, key, value, slice(None), slice(None), cfg, return_stats)
+        return (out, stats) if return_stats else out
     groups = frame_groups(offsets.n_keys) if offsets is not None and query.shape[0] else []
     if len(groups) > 1:
         stats = _grouped(
@@ -146,10 +156,18 @@ def _grouped(
     # frame_groups takes the sequences longest first (a stable order), a group a run of that order
     n_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     order = torch.sort(n_keys, descending=True, stable=True).indices
+    q_starts, k_starts = ([0, *itertools.accumulate(sizes)] for sizes in (offsets.n_queries, offsets.n_keys))
     start = 0
     for group in groups:
         ids = order[start : start + len(group)]
         start += len(group)
+        if len(group) == 1:  # a sequence alone needs no frame
+            b = group[0]
+            q_rows, k_rows = (slice(s[b], s[b + 1]) for s in (q_starts, k_starts))
+            sequence_stats = _alone(out, query, key, value, q_rows, k_rows, cfg, return_stats)
+            if return_stats:
+                stats[b] = sequence_stats[0]
+            continue
         (q_index, cu_q), (k_index, cu_k) = (
             _group_rows(cu, ids, sum(sizes[b] for b in group))
             for cu, sizes in ((cu_seqlens_q, offsets.n_queries), (cu_seqlens_k, offsets.n_keys))
@@ -161,6 +179,30 @@ def _grouped(
         for b, s in zip(group, group_stats or [], strict=False):
             stats[b] = s
     return stats if return_stats else None
+
+
+def _alone(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_rows: slice,
+    k_rows: slice,
+    cfg: PBSConfig,
+    return_stats: bool,
+) -> list[PBSStats] | None:
+    """One sequence of the batch, at packed rows ``q_rows`` and ``k_rows``, through the pipeline of a
+    call on it alone, on ``[1, H, N, D]`` views of the packed tensors: no frame, so its keys and values
+    are not copied (the attention stage copies the queries, :func:`flexpbs.rows.contiguous_rows`). Its
+    output rows go into ``out``; returns ``[stats]`` with ``return_stats``."""
+    q, k, v = (x[rows].transpose(0, 1)[None] for x, rows in ((query, q_rows), (key, k_rows), (value, k_rows)))
+    result = pbs_attention(q, k, v, cfg, return_stats)
+    sequence_out, stats = result if return_stats else (result, None)
+    rows = out[q_rows]
+    if rows.shape[0]:
+        index = torch.arange(rows.shape[0], device=out.device)
+        copy_rows(sequence_out, frame_layout(sequence_out), index, rows, packed_layout(rows))
+    return [stats] if return_stats else None
 
 
 def _group_rows(cu_seqlens: torch.Tensor, ids: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flexpbs.rows import copy_rows, frame_layout, packed_layout
+from flexpbs.rows import contiguous_rows, copy_rows, copy_tensor_rows, frame_layout, packed_layout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,3 +46,20 @@ def test_destination_rows_default_to_the_listed_order():
         out = torch.zeros_like(packed)
         copy_rows(frame, frame_layout(frame), slots, out, packed_layout(out), kernel=kernel)
         assert torch.equal(out, frame.transpose(1, 2).reshape(8, 2, 16)[slots])
+
+
+def test_a_strided_view_copies_to_contiguous_rows():
+    # a [B, N, H, D] projection seen as [B, H, N, D] (transformers' layout): rows b * N + n
+    view = torch.randn(2, 37, 6, 16, generator=torch.Generator().manual_seed(1)).transpose(1, 2)
+    rows = torch.arange(2 * 37)
+    for kernel in ("torch", "triton"):
+        out = torch.full(view.shape, float("nan"))
+        copy_rows(view, frame_layout(view), rows, out, frame_layout(out), kernel=kernel)
+        assert torch.equal(out, view.contiguous())
+    got = contiguous_rows(view)  # on the CPU PyTorch's copy; on CUDA the kernel (tests_gpu)
+    assert got.is_contiguous() and torch.equal(got, view)
+    contiguous = view.contiguous()
+    assert contiguous_rows(contiguous) is contiguous
+    back = torch.zeros(2, 37, 6, 16)  # and back into the [B, N, H, D] layout
+    copy_tensor_rows(contiguous, back.transpose(1, 2))
+    assert torch.equal(back.transpose(1, 2), view)

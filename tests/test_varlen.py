@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 import flexpbs
 from flexpbs import PBSConfig, reference
 from flexpbs.limits import override
+from flexpbs.rows import to_frame
 from flexpbs.varlen import frame_groups
 from tests.helpers import sdpa_causal
 from tests.test_attention import FP32_ATOL, assert_same_permutation_up_to_ties
@@ -165,6 +166,36 @@ def test_given_maxima_give_the_same_result_without_reading_the_offsets():
     # larger maxima than needed: a longer frame, the same result
     got = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=900, max_seqlen_k=1000, **options)
     torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+
+
+def test_a_sequence_alone_in_its_group_needs_no_frame(monkeypatch):
+    # its keys and values are read in place, as a call on it alone reads them; frames for the others
+    built = []
+    monkeypatch.setattr(flexpbs.varlen, "to_frame", lambda *args: built.append(args[3:]) or to_frame(*args))
+    lengths = [(700, 700), (257, 400), (50, 150), (1, 129)]
+    q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed=6)
+    options = dict(block_size=64, segment_size=128, threshold=0.6, return_stats=True)
+    with override(frame_short_keys=0):
+        assert frame_groups([n for _, n in lengths]) == [[0], [1], [2, 3]]
+        out, stats = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **options)
+    assert built == [(2, 192)] * 3  # query, key and value frames of the two short sequences
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        alone, alone_stats = flexpbs.attention(q_b, k_b, v_b, **options)
+        assert torch.equal(stats[b].tiles, alone_stats.tiles)
+        assert torch.equal(stats[b].key_positions, alone_stats.key_positions)
+        torch.testing.assert_close(unpack(out, cu_q, b), alone, rtol=0, atol=FP32_ATOL)
+    # a batch of one sequence, with or without the maxima
+    built.clear()
+    q, k, v, cu_q, cu_k, ((q_b, k_b, v_b),) = packed_batch([(257, 600)], seed=6)
+    alone = flexpbs.attention(q_b, k_b, v_b, **options)[0]
+    for maxima in ({}, dict(max_seqlen_q=257, max_seqlen_k=600)):
+        out = flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **maxima, **options)[0]
+        torch.testing.assert_close(unpack(out, cu_q, 0), alone, rtol=0, atol=FP32_ATOL)
+    assert not built
+    with pytest.raises(ValueError, match="sequence 0 has 600 queries but 257 keys"):
+        flexpbs.varlen_attention(
+            k.repeat(1, 2, 1), q[:, :2], q[:, :2], cu_k, cu_q, max_seqlen_q=1, max_seqlen_k=1
+        )
 
 
 def test_new_batch_compositions_compile_nothing():

@@ -110,6 +110,25 @@ def test_one_kv_head_chunks_compile_nothing_after_warmup(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash"])
+def test_the_transformers_layout_compiles_nothing_after_warmup(backend):
+    """transformers passes ``[B, N, H, D]`` projections seen as ``[B, H, N, D]``: the attention stage copies
+    such queries with the row kernel (flexpbs.rows.contiguous_rows), whose variant the warm-up compiled,
+    and gives what contiguous inputs give."""
+    with torch.inference_mode():
+        options = warmed_up_options(backend)
+        compiled = {}
+        for i, (n_queries, n) in enumerate([(9001, 9001), (1024, 20480), (4096, 4096)]):
+            inputs = qkv(n_queries, n, seed=i)
+            want = flexpbs.attention(*inputs, **options)
+            strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
+            before = compiled_variants()
+            got = flexpbs.attention(*strided, **options)
+            compiled[(n_queries, n)] = compiled_variants() - before
+            assert torch.equal(got, want)
+    assert not any(compiled.values()), f"compiles per (Nq, N): {compiled}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
 def test_packed_and_padded_batches_compile_nothing_after_warmup(backend):
     """A serving engine's first packed batch: the warm-up also runs one, so nothing a frame needs (the
     importance kernels with per-sequence lengths, the row copies) compiles after it."""

@@ -16,8 +16,8 @@ LENGTHS = [(4096, 4096), (1000, 6000), (300, 300), (2500, 5000)]
 OPTIONS = dict(threshold=0.8, min_seq_len=0, backend="triton")
 
 
-def cuda_batch(dtype=torch.bfloat16):
-    q, k, v, cu_q, cu_k, sequences = packed_batch(LENGTHS, seed=11, dtype=dtype)
+def cuda_batch(dtype=torch.bfloat16, lengths=LENGTHS):
+    q, k, v, cu_q, cu_k, sequences = packed_batch(lengths, seed=11, dtype=dtype)
     return (*(x.cuda() for x in (q, k, v, cu_q, cu_k)), [tuple(x.cuda() for x in s) for s in sequences])
 
 
@@ -35,9 +35,10 @@ def test_each_sequence_equals_a_call_on_it_alone_on_cuda(frames):
         torch.testing.assert_close(unpack(out, cu_q, b).float(), alone.float(), rtol=0, atol=3e-2)
 
 
-def test_a_call_with_given_maxima_is_captured_in_a_cuda_graph():
-    q, k, v, cu_q, cu_k, _ = cuda_batch()
-    maxima = dict(max_seqlen_q=4096, max_seqlen_k=6000)
+@pytest.mark.parametrize("lengths", [LENGTHS, [(2500, 5000)]])  # one frame; one sequence, no frame
+def test_a_call_with_given_maxima_is_captured_in_a_cuda_graph(lengths):
+    q, k, v, cu_q, cu_k, _ = cuda_batch(lengths=lengths)
+    maxima = dict(max_seqlen_q=max(n_q for n_q, _ in lengths), max_seqlen_k=max(n for _, n in lengths))
     call = lambda: flexpbs.varlen_attention(q, k, v, cu_q, cu_k, **maxima, **OPTIONS)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -47,6 +47,7 @@ from flexpbs.api import attention
 from flexpbs.config import PBSConfig, PBSStats
 from flexpbs.dispatch import resolve
 from flexpbs.limits import LIMITS
+from flexpbs.rows import copy_tensor_rows
 
 FALLBACK_REASONS: dict[str, str] = {
     "not_prefill": (
@@ -154,7 +155,11 @@ class FlexPBSAttention:
             self.last_stats = stats
             if self.on_stats is not None:
                 self.on_stats(getattr(module, "layer_idx", None), stats)
-        return out.transpose(1, 2).contiguous(), None
+        if compiling or out.transpose(1, 2).is_contiguous():  # dense SDPA's output already is
+            return out.transpose(1, 2).contiguous(), None
+        result = out.new_empty(out.shape[0], out.shape[2], out.shape[1], out.shape[3])
+        copy_tensor_rows(out, result.transpose(1, 2))
+        return result, None
 
 
 def _fallback_reason(
