@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from flexpbs.importance import triton_importable
 
@@ -102,6 +103,18 @@ def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
         return x
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     copy_tensor_rows(x, out)
+    return out
+
+
+def padded_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """``x [B, H, L, D]`` with ``before`` zero rows ahead of its L and ``after`` behind them, contiguous:
+    ``F.pad``, whose copy of a non-contiguous ``x`` is PyTorch's, is used only for contiguous ones."""
+    if x.is_contiguous() or not x.is_cuda:
+        return F.pad(x, (0, 0, before, after))
+    out = x.new_empty(x.shape[0], x.shape[1], before + x.shape[2] + after, x.shape[3])
+    out[:, :, :before].zero_()
+    out[:, :, before + x.shape[2] :].zero_()
+    copy_tensor_rows(x, out[:, :, before : before + x.shape[2]])
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexpbs.block_mask import block_lists, causal_mask_mod
-from flexpbs.rows import contiguous_rows
+from flexpbs.rows import contiguous_rows, padded_rows
 from flexpbs.tile_grid import cdiv
 
 # Graphs differ only by dtype, head shape, batch size, block size, kernel options, scale, grad mode and
@@ -172,7 +172,7 @@ def sparse_attention(
     q_pad = max(cdiv(q_total, block_size), 2) * block_size - q_total
     kv_pad = -n % block_size
     if lead or q_pad:
-        query = F.pad(query, (0, 0, lead, q_pad))
+        query = padded_rows(query, lead, q_pad)
     if kv_pad:
         key_p, value_p = (F.pad(x, (0, 0, 0, kv_pad)) for x in (key_p, value_p))
         # padded keys sit after every query: their block is partial, so the mask hides them

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from flexpbs.rows import contiguous_rows, copy_rows, copy_tensor_rows, frame_layout, packed_layout
+from flexpbs.rows import (
+    contiguous_rows,
+    copy_rows,
+    copy_tensor_rows,
+    frame_layout,
+    packed_layout,
+    padded_rows,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,6 +67,8 @@ def test_a_strided_view_copies_to_contiguous_rows():
     assert got.is_contiguous() and torch.equal(got, view)
     contiguous = view.contiguous()
     assert contiguous_rows(contiguous) is contiguous
+    want = torch.nn.functional.pad(view, (0, 0, 3, 5))
+    assert torch.equal(padded_rows(view, 3, 5), want)  # on CUDA by the kernel (tests_gpu)
     back = torch.zeros(2, 37, 6, 16)  # and back into the [B, N, H, D] layout
     copy_tensor_rows(contiguous, back.transpose(1, 2))
     assert torch.equal(back.transpose(1, 2), view)
