@@ -147,7 +147,8 @@ def _grouped(
     cfg: PBSConfig,
     return_stats: bool,
 ) -> list[PBSStats] | None:
-    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), into ``out``.
+    """:func:`_one_frame` per group of sequences (:func:`frame_groups`), :func:`_alone` for a sequence
+    alone in its group, into ``out``.
 
     Each group's offsets and token rows are made on the device from ``cu_seqlens_q/k``: a blocking
     host-to-device copy would wait for the previous groups' kernels before this group's could be
