@@ -80,7 +80,7 @@ def importance(query: torch.Tensor, key: torch.Tensor, config: PBSConfig) -> tor
     batch, q_heads, n_queries, d = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
-    scale = config.scale if config.scale is not None else d**-0.5
+    scale = config.softmax_scale(d)
     n_complete = n // config.segment_size * config.segment_size
     rows = min(config.block_size, n_queries)
     per_q_head = torch.zeros(batch, q_heads, n_complete)
@@ -115,7 +115,7 @@ def selection(query: torch.Tensor, key: torch.Tensor, perm: torch.Tensor, config
     group = q_heads // perm.shape[1]
     kv_group = q_heads // key.shape[1]
     bs, blocks_per_segment = config.block_size, config.segment_size // config.block_size
-    scale = config.scale if config.scale is not None else d**-0.5
+    scale = config.softmax_scale(d)
     n_blocks = cdiv(n, bs)
     first_block = (n - n_queries) // bs
     positions = _query_positions(n_queries, n)
@@ -257,7 +257,7 @@ def pbs_attention(
     config = config or PBSConfig()
     batch, q_heads, n_queries, d = query.shape
     n = key.shape[2]
-    scale = config.scale if config.scale is not None else d**-0.5
+    scale = config.softmax_scale(d)
     perm_heads = q_heads if config.gqa == "per_head" else key.shape[1]
     if n <= config.segment_size:
         n_blocks = cdiv(n, config.block_size)

@@ -229,7 +229,7 @@ def _folded_flex(
     rows = batch * key_p.shape[1]
     group = q_heads // key_p.shape[1]
     _prime(query, value_p.shape[-1], group, positions, block_size, scale, kernel_options, dynamic_table)
-    q_f = contiguous_rows(query).view(-1).view(rows, group, *query.shape[2:])  # canonical strides
+    q_f = _contiguous(contiguous_rows(query), (rows, group, *query.shape[2:]))
     k_f, v_f, p_f = (_contiguous(x, (rows, 1, *x.shape[2:])) for x in (key_p, value_p, positions))
     lists_f = [_contiguous(x, (rows, group, *x.shape[2:])) for x in lists]
     per_row = (

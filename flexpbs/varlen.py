@@ -27,7 +27,7 @@ from flexpbs.lengths import SequenceLengths, frame_length
 from flexpbs.limits import LIMITS
 from flexpbs.permutation import identity_permutation
 from flexpbs.pipeline import kv_heads_per_chunk_of_size, pbs_attention
-from flexpbs.rows import copy_rows, frame_layout, packed_layout, to_frame
+from flexpbs.rows import copy_rows, copy_tensor_rows, frame_layout, packed_layout, to_frame
 from flexpbs.sparse_attention import check_block_size
 from flexpbs.tile_grid import cdiv, density
 from flexpbs.validation import FLOAT_DTYPES
@@ -90,11 +90,7 @@ def varlen_attention(
     cfg = resolve(cfg, query, value)
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])
     if cu_seqlens_q.shape[0] == 2:  # one sequence: its sizes are the totals, known without the offsets
-        if query.shape[0] > key.shape[0]:
-            raise ValueError(
-                f"sequence 0 has {query.shape[0]} queries but {key.shape[0]} keys: the queries are the "
-                "last keys' positions"
-            )
+        _check_queries_fit(0, query.shape[0], key.shape[0])
         stats = _alone(out, query, key, value, slice(None), slice(None), cfg, return_stats)
         return (out, stats) if return_stats else out
     groups = frame_groups(offsets.n_keys) if offsets is not None and query.shape[0] else []
@@ -160,7 +156,6 @@ def _grouped(
     q_starts, k_starts = ([0, *itertools.accumulate(sizes)] for sizes in (offsets.n_queries, offsets.n_keys))
     start = 0
     for group in groups:
-        ids = order[start : start + len(group)]
         start += len(group)
         if len(group) == 1:  # a sequence alone needs no frame
             b = group[0]
@@ -169,6 +164,7 @@ def _grouped(
             if return_stats:
                 stats[b] = sequence_stats[0]
             continue
+        ids = order[start - len(group) : start]
         (q_index, cu_q), (k_index, cu_k) = (
             _group_rows(cu, ids, sum(sizes[b] for b in group))
             for cu, sizes in ((cu_seqlens_q, offsets.n_queries), (cu_seqlens_k, offsets.n_keys))
@@ -199,10 +195,7 @@ def _alone(
     q, k, v = (x[rows].transpose(0, 1)[None] for x, rows in ((query, q_rows), (key, k_rows), (value, k_rows)))
     result = pbs_attention(q, k, v, cfg, return_stats)
     sequence_out, stats = result if return_stats else (result, None)
-    rows = out[q_rows]
-    if rows.shape[0]:
-        index = torch.arange(rows.shape[0], device=out.device)
-        copy_rows(sequence_out, frame_layout(sequence_out), index, rows, packed_layout(rows))
+    copy_tensor_rows(sequence_out, out[q_rows].transpose(0, 1)[None])
     return [stats] if return_stats else None
 
 
@@ -471,8 +464,13 @@ def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k
             raise ValueError(f"{name} must end at the number of tokens {total}, got {cu[-1]}")
     q_lens, k_lens = ([b - a for a, b in itertools.pairwise(cu)] for cu, _ in offsets.values())
     for b, (n_q, n) in enumerate(zip(q_lens, k_lens, strict=True)):
-        if n_q > n:
-            raise ValueError(
-                f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions"
-            )
+        _check_queries_fit(b, n_q, n)
     return _Offsets(q_lens, k_lens)
+
+
+def _check_queries_fit(b: int, n_q: int, n: int) -> None:
+    """Raises ValueError when sequence ``b`` has more queries ``n_q`` than keys ``n``."""
+    if n_q > n:
+        raise ValueError(
+            f"sequence {b} has {n_q} queries but {n} keys: the queries are the last keys' positions"
+        )
