@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flexpbs.importance import triton_importable
+from flexpbs.kernels.strides import kernel_strides
 
 
 class RowLayout(NamedTuple):
@@ -30,12 +31,16 @@ class RowLayout(NamedTuple):
 
 def packed_layout(x: torch.Tensor) -> RowLayout:
     """``[T, H, D]`` (any row and head strides, D contiguous): one block of T rows."""
-    return RowLayout(1, max(1, x.shape[0]), 0, x.stride(0), x.stride(1))
+    stride_t, stride_h, _ = kernel_strides(x)
+    return RowLayout(1, max(1, x.shape[0]), 0, stride_t, stride_h)
 
 
 def frame_layout(x: torch.Tensor) -> RowLayout:
-    """``[B, H, L, D]`` (D contiguous): rows ``b * L + l``."""
-    return RowLayout(x.shape[0], max(1, x.shape[2]), x.stride(0), x.stride(2), x.stride(1))
+    """``[B, H, L, D]`` (D contiguous): rows ``b * L + l``. The strides of size-1 dims are 0
+    (:func:`flexpbs.kernels.strides.kernel_strides`): a batch of one past 2^31 elements would otherwise
+    pass the row kernel a 64-bit stride, a compiled variant of its own."""
+    stride_b, stride_h, stride_l, _ = kernel_strides(x)
+    return RowLayout(x.shape[0], max(1, x.shape[2]), stride_b, stride_l, stride_h)
 
 
 def copy_rows(
